@@ -1,0 +1,57 @@
+"""One exception hierarchy for every expected failure.
+
+The CLI maps each to one clear line on stderr and an exit code; anything that is not a
+`WsiError` is a bug and keeps its traceback.
+"""
+
+
+class WsiError(Exception):
+    """Base of every expected failure (bad input, missing metadata, unwritable output)."""
+
+    exit_code = 1
+
+
+class UsageError(WsiError):
+    """The command line itself is wrong (unknown task, bad option value)."""
+
+    exit_code = 2
+
+
+class SlideNotFound(WsiError):
+    """A path given on the command line does not exist."""
+
+
+class NoSlidesFound(WsiError):
+    """A folder was given but holds no slide files."""
+
+
+class UnreadableSlide(WsiError):
+    """The file exists but no backend can open it as a slide (not a TIFF, corrupt, truncated)."""
+
+
+class TileReadError(WsiError):
+    """The slide opened but reading pixels from it failed (corrupt tile data)."""
+
+
+class MissingMpp(WsiError):
+    """The slide carries no microns-per-pixel and none was given with --mpp."""
+
+
+class NoTissue(WsiError):
+    """Tissue detection found nothing to analyse (blank glass, or thresholds too strict)."""
+
+
+class StainFitError(WsiError):
+    """Too few usable stained pixels to estimate a stain matrix."""
+
+
+class OutputNotWritable(WsiError):
+    """The output folder cannot be created or written."""
+
+
+class CheckpointError(WsiError):
+    """A model checkpoint is missing, corrupt, pickled, or for another task/architecture."""
+
+
+class StoreError(WsiError):
+    """The per-slide zarr store is inconsistent with the current run and cannot be reused."""
