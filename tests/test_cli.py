@@ -1,0 +1,213 @@
+"""wsi-run end to end: outputs, resume, and one clear line for every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import zarr
+from conftest import shared, write_generic_tiff
+
+from wsi_pipeline.cli import main, unique_ids
+from wsi_pipeline.tissue import dice
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main([*map(str, argv), "--quiet"])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_error_line(err: str, *needles: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("wsi-run: error: ")
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0]
+
+
+@pytest.fixture(scope="module")
+def fls_run(fls_slide, tmp_path_factory):
+    """One finished `--until pyramid` run on the small synthetic FLS slide."""
+    path, _ = fls_slide
+    out = tmp_path_factory.mktemp("run")
+    assert main([str(path), "--task", "fls", "--out", str(out), "--quiet"]) == 0
+    return out / path.stem
+
+
+def test_report_overlay_and_store(fls_run, fls_slide):
+    report = json.loads((fls_run / "report.json").read_text())
+    assert report["task"] == "fls"
+    assert report["complete"] is False and report["diagnosis"]["label"] is None
+    assert report["stages_completed"] == ["tissue", "stain", "pyramid"]
+    assert report["slide"]["vendor"] == "aperio"
+    assert report["slide"]["mpp"] == pytest.approx(0.5)
+    assert "aperio.MPP" in report["slide"]["mpp_source"]
+    stain = report["provenance"]["stain"]
+    assert np.asarray(stain["fit"]["matrix"]).shape == (2, 3)
+    assert set(report["provenance"]["stage_timings"]) == {"open", "tissue", "stain", "pyramid"}
+    assert (fls_run / "overlay.png").stat().st_size > 1000
+
+    root = zarr.open_group(str(fls_run / "store.zarr"), mode="r")
+    ms = root["image"].attrs["ome"]["multiscales"][0]
+    assert [d["coordinateTransformations"][0]["scale"] for d in ms["datasets"]] == [
+        [1.0, 0.5, 0.5], [1.0, 1.0, 1.0], [1.0, 2.0, 2.0]]
+    tiles = np.asarray(root["tiles"][...])
+    level0 = root["image/0"]
+    assert level0.chunks == (3, 512, 512)
+    assert report["counts"]["tissue_tiles"] == len(tiles) > 0
+    # only tissue chunks are stored
+    assert level0.nchunks_initialized == len(tiles)
+    # the x2 level is the 2x2 average of level 0 over a tissue tile
+    r, c = tiles[len(tiles) // 2]
+    fine = np.asarray(level0[:, r * 512:(r + 1) * 512, c * 512:(c + 1) * 512]).astype(float)
+    coarse = np.asarray(root["image/1"][:, r * 256:(r + 1) * 256, c * 256:(c + 1) * 256])
+    expected = fine.reshape(3, 256, 2, 256, 2).mean((2, 4))
+    assert np.abs(coarse - expected).max() <= 1.0
+
+
+def test_tissue_mask_matches_synthetic_truth(fls_run, fls_slide):
+    path, _ = fls_slide
+    root = zarr.open_group(str(fls_run / "store.zarr"), mode="r")
+    mask = np.asarray(root["tissue/mask"][...]) == 1
+    mask_mpp = root["tissue/mask"].attrs["mpp"]
+    truth = zarr.open_group(str(path.with_suffix(".truth.zarr")), mode="r")["labels"]
+    legend = {int(k): v for k, v in truth.attrs["legend"].items()}
+    labels = np.asarray(truth[...])
+    not_tissue = [k for k, v in legend.items() if v in ("background", "pen")]
+    truth_tissue = ~np.isin(labels, not_tissue)
+    # resample truth onto the detection grid by nearest neighbour in physical units
+    ys = np.minimum((np.arange(mask.shape[0]) + 0.5) * mask_mpp / truth.attrs["mpp"],
+                    labels.shape[0] - 1).astype(int)
+    xs = np.minimum((np.arange(mask.shape[1]) + 0.5) * mask_mpp / truth.attrs["mpp"],
+                    labels.shape[1] - 1).astype(int)
+    assert dice(mask, truth_tissue[np.ix_(ys, xs)]) > 0.9
+
+
+def test_rerun_skips_and_resumes_super_tiles(fls_run, fls_slide, capsys):
+    path, _ = fls_slide
+    out = fls_run.parent
+    store = fls_run / "store.zarr"
+    before = np.asarray(zarr.open_group(str(store), mode="r")["image/0"][...])
+    # as after a kill in the middle of the pyramid: two super-tiles never finished
+    marks = sorted((store / ".progress" / "pyramid").iterdir())
+    for mark in marks[:2]:
+        mark.unlink()
+    manifest = json.loads((store / "manifest.json").read_text())
+    del manifest["stages"]["pyramid"]
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    shutil.rmtree(store / "image" / "0" / "c", ignore_errors=False)   # lost chunks
+
+    code, _, _ = run_cli(capsys, path, "--task", "fls", "--out", out)
+    assert code == 0
+    report = json.loads((fls_run / "report.json").read_text())
+    timings = report["provenance"]["stage_timings"]
+    assert timings["tissue"]["reused"] and timings["stain"]["reused"]
+    assert not timings["pyramid"]["reused"]
+    assert report["pyramid"]["super_tiles_skipped"] == len(marks) - 2
+    after = np.asarray(zarr.open_group(str(store), mode="r")["image/0"][...])
+    # the two redone super-tiles are identical to the first run's; the others were skipped
+    redone = after != 255
+    assert np.array_equal(after[redone], before[redone]) and redone.any()
+
+    code, _, _ = run_cli(capsys, path, "--task", "fls", "--out", out)
+    report = json.loads((fls_run / "report.json").read_text())
+    assert all(v["reused"] for k, v in report["provenance"]["stage_timings"].items()
+               if k != "open")
+
+
+@pytest.mark.parametrize("name, needle", [
+    (("fixtures", "broken.svs"), "not a TIFF"),
+    (("fixtures", "openslide", "unopenable.tiff"), "Unsupported TIFF compression"),
+    (("fixtures", "openslide", "unreadable.svs"), "reading pixels failed"),
+    (("fixtures", "openslide", "boxes.tiff"), "--mpp"),
+])
+def test_bad_real_files(capsys, tmp_path, name, needle):
+    code, _, err = run_cli(capsys, shared(*name), "--task", "fls", "--out", tmp_path)
+    assert code == 1
+    assert_one_error_line(err, needle)
+    summary = (tmp_path / "summary.csv").read_text()
+    assert "failed" in summary and not (tmp_path / name[-1].rsplit(".", 1)[0] / "report.json"
+                                        ).exists()
+
+
+def test_nonexistent_path_and_empty_folder(capsys, tmp_path):
+    code, _, err = run_cli(capsys, tmp_path / "missing.svs", "--task", "fls", "--out",
+                           tmp_path / "o")
+    assert code == 1
+    assert_one_error_line(err, "no such file")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = run_cli(capsys, empty, "--task", "fls", "--out", tmp_path / "o")
+    assert code == 1
+    assert_one_error_line(err, "holds no slide files")
+
+
+def test_missing_mpp_then_override(capsys, tmp_path, fls_slide):
+    rgb = np.asarray(__import__("wsi_pipeline.slide", fromlist=["x"]).open_slide(
+        fls_slide[0]).read(0.0, 0.0, 1536, 1536, 1.0))
+    path = write_generic_tiff(tmp_path / "nompp.tif", rgb, mpp=None)
+    code, _, err = run_cli(capsys, path, "--task", "fls", "--out", tmp_path / "o",
+                           "--until", "tissue")
+    assert code == 1
+    assert_one_error_line(err, "--mpp")
+    code, _, err = run_cli(capsys, path, "--task", "fls", "--out", tmp_path / "o",
+                           "--until", "tissue", "--mpp", "1.0")
+    assert code == 0, err
+    report = json.loads((tmp_path / "o" / "nompp" / "report.json").read_text())
+    assert report["slide"]["mpp_source"] == "override (--mpp)"
+
+
+def test_blank_glass_is_no_tissue(capsys, tmp_path, glass_slide):
+    code, _, err = run_cli(capsys, glass_slide, "--task", "fls", "--out", tmp_path)
+    assert code == 1
+    assert_one_error_line(err, "no tissue")
+    assert not (tmp_path / "glass" / "report.json").exists()
+
+
+def test_truncated_slide(capsys, tmp_path, fls_slide):
+    data = fls_slide[0].read_bytes()
+    cut = tmp_path / "cut.svs"
+    cut.write_bytes(data[: len(data) * 6 // 10])
+    code, _, err = run_cli(capsys, cut, "--task", "fls", "--out", tmp_path / "o")
+    assert code == 1
+    assert_one_error_line(err, "cut.svs")
+
+
+def test_unwritable_output(capsys, tmp_path, fls_slide):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code, _, err = run_cli(capsys, fls_slide[0], "--task", "fls", "--out", blocker / "out")
+    assert code == 1
+    assert_one_error_line(err, "not writable")
+
+
+def test_batch_goes_on_after_a_bad_slide(capsys, tmp_path, fls_slide):
+    folder = tmp_path / "batch"
+    folder.mkdir()
+    shutil.copy(fls_slide[0], folder / "good.svs")
+    shutil.copy(shared("fixtures", "broken.svs"), folder / "bad.svs")
+    code, out, err = run_cli(capsys, folder, "--task", "fls", "--out", tmp_path / "o",
+                             "--until", "tissue")
+    assert code == 1
+    rows = (tmp_path / "o" / "summary.csv").read_text().splitlines()
+    assert rows[0].startswith("slide_id,")
+    status = {r.split(",")[0]: r.split(",")[3] for r in rows[1:]}
+    assert status == {"bad": "failed", "good": "ok (until tissue)"}
+    assert (tmp_path / "o" / "good" / "report.json").exists()
+
+
+def test_usage_errors_exit_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "wsi_pipeline.cli", "x.svs", "--task", "nope"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "invalid choice" in proc.stderr
+
+
+def test_unique_safe_ids():
+    assert unique_ids(["a b", "a b", "../x", "ok.1"]) == ["a_b", "a_b-2", "x", "ok.1"]
