@@ -427,6 +427,15 @@ def normalise(tile: np.ndarray, lut: np.ndarray, *, out: np.ndarray | None = Non
     """Apply a LUT from `build_lut`: (..., 3) uint8 -> (..., 3) uint8 (e.g. (H, W, 3)).
 
     out: optional C-contiguous uint8 array of the same shape to write into.
+
+    Why the plain R | G << 8 | B << 16 layout and one uint32 gather (benchmarks/bench_stain.py
+    section 2b, real slide tiles): the index then costs a single masked read of each pixel's
+    own bytes, and the three passes (index, gather, strided store) are the cost floor, even
+    with the table hot. A Morton (Z-order) layout touches about as many 64-byte table lines
+    per tile (tissue colours are sparse: ~2.5 per line in either order) and its index alone
+    costs three small gathers, more than the whole lookup; planar uint8 tables need three
+    gathers; a coarser 7-bit table is inexact and saves little. Per-tile unique colours run
+    to ~200k of 262k pixels, so a colour cache does not pay either.
     """
     tile = np.ascontiguousarray(tile, dtype=np.uint8)
     if tile.shape[-1:] != (3,):
