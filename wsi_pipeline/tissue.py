@@ -31,8 +31,9 @@ class TissueParams:
     min_od: float = 0.06             # mean optical density over RGB
     smooth_um: float = 16.0          # median filter radius before thresholding
     close_um: float = 24.0           # closing radius: joins cells of one fragment
-    min_object_um2: float = 20_000.0  # smaller objects are dust or debris (~140 um square)
+    min_object_um2: float = 5_000.0  # smaller objects are dust or debris (~70 um square)
     max_hole_um2: float = 250_000.0  # holes smaller than this (fat, lumina) count as tissue
+    fat_close_um: float = 40.0       # closes the faint membrane lattice of adipose tissue
     pen_margin_um: float = 40.0      # tissue this close to ink is dropped with the ink
     pen_min_saturation: float = 0.25
     dark_max_rgb: int = 50           # darker than this in every channel: black ink / debris
@@ -101,6 +102,14 @@ def detect_tissue(rgb: np.ndarray, mpp: float, params: TissueParams | None = Non
     mask = morphology.closing(mask, morphology.disk(px(p.close_um)))
     mask &= ~pen
     mask = morphology.remove_small_objects(mask, max_size=px2(p.min_object_um2))
+
+    # Fat is white cells framed by thin stained membranes: too faint for the thresholds
+    # above, so the faint lattice is closed and kept where it touches stained tissue.
+    faint = (hsv[..., 1] > p.min_saturation) & (od > p.min_od) & ~pen
+    lattice = morphology.closing(faint | mask, morphology.disk(px(p.fat_close_um))) & ~pen
+    lattice_labels, _ = ndi.label(lattice)
+    keep = np.unique(lattice_labels[mask])
+    mask |= np.isin(lattice_labels, keep[keep > 0])
     mask = morphology.remove_small_holes(mask, max_size=px2(p.max_hole_um2))
     return TissueResult(mask=mask, mpp=mpp, pen=pen, saturation_threshold=float(sat_thr),
                         od_threshold=float(od_thr),
