@@ -211,3 +211,12 @@ def test_usage_errors_exit_2(tmp_path):
 
 def test_unique_safe_ids():
     assert unique_ids(["a b", "a b", "../x", "ok.1"]) == ["a_b", "a_b-2", "x", "ok.1"]
+
+
+def test_torch_stain_backend_writes_the_same_pyramid(fls_run, fls_slide, capsys, tmp_path):
+    code, _, err = run_cli(capsys, fls_slide[0], "--task", "fls", "--out", tmp_path,
+                           "--stain-backend", "torch", "--device", "cpu")
+    assert code == 0, err
+    ours = zarr.open_group(str(tmp_path / fls_run.name / "store.zarr"), mode="r")["image/0"]
+    ref = zarr.open_group(str(fls_run / "store.zarr"), mode="r")["image/0"]
+    assert np.array_equal(np.asarray(ours[...]), np.asarray(ref[...]))
