@@ -89,10 +89,12 @@ def test_tissue_mask_matches_synthetic_truth(fls_run, fls_slide):
     assert dice(mask, truth_tissue[np.ix_(ys, xs)]) > 0.9
 
 
-def test_rerun_skips_and_resumes_super_tiles(fls_run, fls_slide, capsys):
+def test_rerun_skips_and_resumes_super_tiles(fls_run, fls_slide, capsys, tmp_path):
     path, _ = fls_slide
-    out = fls_run.parent
-    store = fls_run / "store.zarr"
+    out = tmp_path / "out"
+    shutil.copytree(fls_run.parent, out)
+    run_dir = out / fls_run.name
+    store = run_dir / "store.zarr"
     before = np.asarray(zarr.open_group(str(store), mode="r")["image/0"][...])
     # as after a kill in the middle of the pyramid: two super-tiles never finished
     marks = sorted((store / ".progress" / "pyramid").iterdir())
@@ -105,7 +107,7 @@ def test_rerun_skips_and_resumes_super_tiles(fls_run, fls_slide, capsys):
 
     code, _, _ = run_cli(capsys, path, "--task", "fls", "--out", out)
     assert code == 0
-    report = json.loads((fls_run / "report.json").read_text())
+    report = json.loads((run_dir / "report.json").read_text())
     timings = report["provenance"]["stage_timings"]
     assert timings["tissue"]["reused"] and timings["stain"]["reused"]
     assert not timings["pyramid"]["reused"]
@@ -116,7 +118,7 @@ def test_rerun_skips_and_resumes_super_tiles(fls_run, fls_slide, capsys):
     assert np.array_equal(after[redone], before[redone]) and redone.any()
 
     code, _, _ = run_cli(capsys, path, "--task", "fls", "--out", out)
-    report = json.loads((fls_run / "report.json").read_text())
+    report = json.loads((run_dir / "report.json").read_text())
     assert all(v["reused"] for k, v in report["provenance"]["stage_timings"].items()
                if k != "open")
 
