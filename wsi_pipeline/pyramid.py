@@ -103,8 +103,8 @@ def write_pyramid(slide: Slide, store: SlideStore, tiles: np.ndarray, spec: Pyra
     """Write the normalised pyramid of the level-0 ``tiles`` ((N, 2) row, col) into
     ``store`` and return counts (tiles and megapixels written, super-tiles skipped).
 
-    ``normalise`` maps an RGB uint8 tile (H, W, 3) to its normalised RGB; None keeps the
-    slide's colours. ``progress`` is called with the number of super-tiles finished.
+    ``normalise`` maps a batch of RGB uint8 tiles (B, H, W, 3) to their normalised RGB;
+    None keeps the slide's colours. ``progress`` is called with the number of super-tiles finished.
     """
     arrays = create_levels(store, spec, slide.size_um, inputs)
     marks = store.progress_dir("pyramid")
@@ -142,10 +142,10 @@ def _write_super_tile(slide: Slide, arrays: list[zarr.Array], key: tuple[int, in
     canvas = np.full((n * t, n * t, 3), GLASS, np.uint8)
     present = np.zeros((n, n), bool)
     tile_um = t * spec.mpp
-    for r, c in members:
-        rgb = slide.read(c * tile_um, r * tile_um, t, t, spec.mpp)
-        if normalise is not None:
-            rgb = normalise(rgb)
+    batch = np.stack([slide.read(c * tile_um, r * tile_um, t, t, spec.mpp) for r, c in members])
+    if normalise is not None:
+        batch = normalise(batch)  # one (B, t, t, 3) call: a single transfer on a GPU backend
+    for (r, c), rgb in zip(members, batch, strict=True):
         lr, lc = r - key[0] * n, c - key[1] * n
         canvas[lr * t:(lr + 1) * t, lc * t:(lc + 1) * t] = rgb
         present[lr, lc] = True
