@@ -69,6 +69,12 @@ def main(argv: list[str] | None = None) -> int:
 
     inputs = expand_inputs(args.paths, task.input_kind, args.recursive)
     rows: list[dict[str, Any]] = []
+    say = print
+    if interactive and len(inputs) > 1:
+        from tqdm import tqdm
+
+        inputs = tqdm(inputs, desc="slides", unit="slide", dynamic_ncols=True)
+        say = tqdm.write
     for slide_id, path, error in inputs:
         row = {"slide_id": slide_id, "path": str(path), "task": task.name, "status": "ok",
                "diagnosis": "", "tissue_mm2": "", "tiles": "", "error": ""}
@@ -81,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                        tissue_mm2=report["areas_mm2"]["tissue"],
                        tiles=report["counts"]["tissue_tiles"])
             if not args.quiet:
-                print(f"{slide_id}: {row['status']}; tissue {row['tissue_mm2']} mm2, "
+                say(f"{slide_id}: {row['status']}; tissue {row['tissue_mm2']} mm2, "
                       f"{row['tiles']} tiles -> {out / slide_id}")
         except WsiError as exc:
             row.update(status="failed", error=str(exc))
