@@ -46,7 +46,7 @@ class RunOptions:
     workers: int = 2
     force: bool = False
     tissue: TissueParams = field(default_factory=TissueParams)
-    min_tile_tissue: float = 0.05     # fraction of a tile that must be tissue
+    min_tile_tissue: float = 0.01     # fraction of a tile that must be tissue (edges count)
     stain_sample_tiles: int = 16      # tiles sampled for the once-per-slide stain fit
     seed: int = 0
     show_progress: bool = False
