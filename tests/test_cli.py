@@ -57,6 +57,7 @@ def test_report_overlay_and_store(fls_run, fls_slide):
     ms = root["image"].attrs["ome"]["multiscales"][0]
     assert [d["coordinateTransformations"][0]["scale"] for d in ms["datasets"]] == [
         [1.0, 0.5, 0.5], [1.0, 1.0, 1.0], [1.0, 2.0, 2.0]]
+    assert root["image"].attrs["stain"]["fit"] == stain["fit"]
     tiles = np.asarray(root["tiles"][...])
     level0 = root["image/0"]
     assert level0.chunks == (3, 512, 512)
@@ -222,3 +223,33 @@ def test_torch_stain_backend_writes_the_same_pyramid(fls_run, fls_slide, capsys,
     ours = zarr.open_group(str(tmp_path / fls_run.name / "store.zarr"), mode="r")["image/0"]
     ref = zarr.open_group(str(fls_run / "store.zarr"), mode="r")["image/0"]
     assert np.array_equal(np.asarray(ours[...]), np.asarray(ref[...]))
+
+
+@pytest.mark.parametrize("task", ["fls", "liver", "kidney-layer", "mesangial"])
+def test_every_task_runs_to_the_pyramid_on_a_real_slide(capsys, tmp_path, task):
+    from wsi_pipeline.tasks import get_task
+
+    code, _, err = run_cli(capsys, shared("slides", "CMU-1-Small-Region.svs"), "--task", task,
+                           "--out", tmp_path)
+    assert code == 0, err
+    spec = get_task(task)
+    root = zarr.open_group(str(tmp_path / "CMU-1-Small-Region" / "store.zarr"), mode="r")
+    scales = [d["coordinateTransformations"][0]["scale"][1]
+              for d in root["image"].attrs["ome"]["multiscales"][0]["datasets"]]
+    assert scales == pytest.approx(list(spec.level_mpps))
+    assert root["image/0"].chunks == (3, spec.tile_px, spec.tile_px)
+    # 2220 x 2967 px at 0.499 um/px, resampled to the task's working MPP
+    assert root["image/0"].shape[1:] == (round(2967 * 0.499 / spec.mpp + 0.5),
+                                         round(2220 * 0.499 / spec.mpp + 0.5))
+
+
+def test_glomerular_dx_takes_a_case_folder(capsys, tmp_path):
+    case = tmp_path / "case01"
+    (case / "om").mkdir(parents=True)
+    (case / "im").mkdir()
+    shutil.copy(shared("slides", "CMU-1-Small-Region.svs"), case / "om" / "biopsy.svs")
+    code, _, err = run_cli(capsys, case, "--task", "glomerular-dx", "--out", tmp_path / "o",
+                           "--until", "tissue")
+    assert code == 0, err
+    report = json.loads((tmp_path / "o" / "biopsy" / "report.json").read_text())
+    assert report["task"] == "glomerular-dx" and report["slide"]["vendor"] == "aperio"

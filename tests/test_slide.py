@@ -123,3 +123,16 @@ def test_find_slides_skips_truth_sidecars(tmp_path):
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "a.truth.zarr").mkdir()
     assert [p.name for p in find_slides(tmp_path)] == ["a.svs", "b.tiff"]
+
+
+def test_fsspec_url_opens_with_tiffslide():
+    fsspec = pytest.importorskip("fsspec")
+    data = shared("fixtures", "openslide", "small.svs").read_bytes()
+    with fsspec.open("memory://slides/small.svs", "wb") as f:
+        f.write(data)
+    slide = open_slide("memory://slides/small.svs")
+    assert slide.backend == "tiffslide"
+    assert slide.dimensions == (16, 16) and slide.mpp == pytest.approx(0.499)
+    local = open_slide(shared("fixtures", "openslide", "small.svs"), backend="tiffslide")
+    assert np.array_equal(slide.read(0.0, 0.0, 16, 16, slide.mpp),
+                          local.read(0.0, 0.0, 16, 16, local.mpp))

@@ -185,6 +185,10 @@ def _run_pyramid(ctx: dict[str, Any], results: dict[str, Any], inputs: str) -> d
     finally:
         if bar:
             bar.close()
+    # the store describes itself: which stain matrices made these pixels
+    store.root["image"].attrs["stain"] = {"fit": fit.to_dict(), "reference_name": task.stain,
+                                          "reference": results["stain"]["reference"],
+                                          "backend": opts.stain_backend}
     return stats | {"stain_backend": opts.stain_backend, "device": device}
 
 
