@@ -5,7 +5,8 @@ Two figures, each a ratio measured in the same run:
 1. Throughput: megapixels of tissue written per second by ``wsi-run --until pyramid``,
    divided by megapixels per second of merely reading the same regions at the same MPP
    with the same backend and the same number of threads (the floor set by decoding).
-   Goal >= 0.6.
+   Goal >= 0.6. Printed end to end (a fresh process: start-up, tissue detection and the
+   once-per-slide stain fit included) and for the pyramid stage alone.
 2. Memory: peak RSS of ``wsi-run`` on a big synthetic slide over that on a small one.
    Goal <= 1.3 (memory flat in slide size).
 
@@ -100,7 +101,9 @@ def main() -> None:
         print(f"  wsi-run --until pyramid: {seconds:.1f} s wall ({mpx / seconds:.2f} Mpx/s), "
               f"peak RSS {rss / 2**20:.0f} MiB; stages {timings}")
         print(f"  plain read of the same tiles: {read_s:.1f} s ({mpx / read_s:.2f} Mpx/s)")
-        print(f"  ratio pipeline / plain read throughput: {read_s / seconds:.2f} (goal >= 0.6)")
+        print(f"  ratio pipeline / plain read throughput: {read_s / seconds:.2f} end to end "
+              f"(process start, tissue and stain fit included; goal >= 0.6), "
+              f"{read_s / timings['pyramid']:.2f} for the pyramid stage alone")
     if len(rows) == 2:
         ratio = rows[1][2] / rows[0][2]
         print(f"peak RSS {args.big}^2 / {args.small}^2: {ratio:.2f} (goal <= 1.3)")

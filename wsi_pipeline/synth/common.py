@@ -36,7 +36,7 @@ class SlideBase:
 
 
 @dataclass(frozen=True)
-class TaskSpec:
+class SynthSpec:
     """How to build, render, label and score one synthetic task."""
 
     name: str
@@ -136,6 +136,50 @@ def pen_label(base: SlideBase, lab: np.ndarray, x0_um, y0_um, px_um, value: int)
     if base.pen is None or window(base.pen.bbox, x0_um, y0_um, px_um, size) is None:
         return
     lab[pen_coverage(base, x0_um, y0_um, px_um, size) > 0.5] = value
+
+
+def render_tissue_tile(s: SlideBase, index: sc.SpatialIndex, salt: int, fields: Callable,
+                       paint: Callable, x0_px: int, y0_px: int, size: int) -> np.ndarray | None:
+    """RGB uint8 (size, size, 3) of the tile at level-0 pixel (x0_px, y0_px); None = glass.
+
+    The frame every task's tile renderer shares. index: the spatial index of the scene's
+    tissue pieces (tiles touching none, and no artefact, are glass); salt: the task's
+    tile-seed salt; fields(s, X, Y) -> dict with a signed `tissue` field (um inside the edge,
+    > 0 in tissue) plus whatever `paint` reads; paint(s, F, x0_px, y0_px, size, X, Y, rng,
+    cH, c2) fills the haematoxylin and second-stain concentrations (size, size) in place.
+    The frame then applies the tissue edge, fold thickness, pen and dust, and Beer-Lambert.
+    """
+    mpp = s.mpp
+    x0, y0 = x0_px * mpp, y0_px * mpp
+    x1, y1 = x0 + size * mpp, y0 + size * mpp
+    pieces = index.query(x0, y0, x1, y1)
+    if not len(pieces) and not artefact_touches(s, x0, y0, x1, y1):
+        return None
+    rng = np.random.default_rng(sc.tile_seed(s.seed, salt, x0_px, y0_px))
+    X, Y = tile_coords(x0_px, y0_px, size, mpp)
+    cH = np.zeros((size, size), np.float32)
+    c2 = np.zeros((size, size), np.float32)
+    alpha = None
+    if len(pieces):
+        F = sc.coarse_fields(lambda gx, gy: fields(s, gx, gy), x0, y0, mpp, size,
+                             coarse_step(mpp, size))
+        edge = F["tissue"] + 2.5 * sc.tile_noise(s.seed + 9, x0_px, y0_px, size,
+                                                 sc.pow2_cell(12.0, mpp, size))
+        alpha = sc.smoothstep(-0.7 * mpp, 0.7 * mpp, edge)
+        if alpha.max() > 0:
+            paint(s, F, x0_px, y0_px, size, X, Y, rng, cH, c2)
+            cH *= alpha
+            c2 *= alpha
+            thick = fold_thickness(s, x0, y0, mpp, size)
+            if thick is not None:
+                cH *= thick
+                c2 *= thick
+        else:
+            alpha = None
+    extra = artefacts_extra_od(s, x0_px, y0_px, size)
+    if alpha is None and not extra:
+        return None
+    return sc.beer_lambert(s.stains, cH, c2, rng, extra)
 
 
 def choose_counts_for_rate(rate_target: float, area_mm2: float, per_mm2: float,

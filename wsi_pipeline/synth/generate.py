@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import OutputNotWritable, UsageError
 from . import scene as sc
-from .common import TaskSpec
+from .common import SynthSpec
 from .tiff_writer import Level0Tile, downsample4, jpeg_tile, write_aperio
 
 TILE_PX = 512
@@ -32,15 +32,15 @@ GENERATOR_VERSION = "1"
 LATER_TASKS = {"liver", "glomerular-dx"}
 
 
-def task_specs() -> dict[str, TaskSpec]:
+def task_specs() -> dict[str, SynthSpec]:
     """All implemented synthetic tasks by name."""
     from . import kidney, salivary
 
     return {spec.name: spec for spec in (salivary.SPEC, kidney.LAYER_SPEC, kidney.MESANGIAL_SPEC)}
 
 
-def get_spec(task: str) -> TaskSpec:
-    """The TaskSpec of `task`, or a UsageError naming the choices."""
+def get_spec(task: str) -> SynthSpec:
+    """The SynthSpec of `task`, or a UsageError naming the choices."""
     if task in LATER_TASKS:
         raise UsageError(f"task {task!r} is not available in wsi-synth yet; it arrives in a "
                          f"later version (available now: {', '.join(sorted(task_specs()))})")
@@ -153,7 +153,7 @@ def _macro_image(label_rgb: np.ndarray, thumb: np.ndarray) -> np.ndarray:
     return np.asarray(im)
 
 
-def _write_labels(zpath: Path, spec: TaskSpec, scene, pool, f: int, progress) -> dict:
+def _write_labels(zpath: Path, spec: SynthSpec, scene, pool, f: int, progress) -> dict:
     """Label mask chunk by chunk into <stem>.truth.zarr; returns areas in mm2 by name."""
     import zarr
 

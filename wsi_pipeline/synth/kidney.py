@@ -33,13 +33,10 @@ import numpy as np
 from . import scene as sc
 from .common import (
     SlideBase,
-    TaskSpec,
-    artefact_touches,
-    artefacts_extra_od,
+    SynthSpec,
     coarse_step,
-    fold_thickness,
     pen_label,
-    tile_coords,
+    render_tissue_tile,
     window,
 )
 
@@ -362,66 +359,44 @@ def _glomerulus(s: KidneyScene, i: int, X, Y, x0, y0, nuc):
 
 def render_tile(s: KidneyScene, x0_px: int, y0_px: int, size: int) -> np.ndarray | None:
     """RGB uint8 (size, size, 3) of the tile at level-0 pixel (x0_px, y0_px); None = glass."""
+    return render_tissue_tile(s, s.core_index, 2, macro_fields, _paint_tissue, x0_px, y0_px,
+                              size)
+
+
+def _paint_tissue(s: KidneyScene, F, x0_px, y0_px, size, X, Y, rng, cH, cP):
+    """Fill stain concentrations of cortex, medulla and glomeruli into cH, cP (in place)."""
     mpp = s.mpp
     x0, y0 = x0_px * mpp, y0_px * mpp
     x1, y1 = x0 + size * mpp, y0 + size * mpp
-    cores = s.core_index.query(x0, y0, x1, y1)
-    if not len(cores) and not artefact_touches(s, x0, y0, x1, y1):
-        return None
-    rng = np.random.default_rng(sc.tile_seed(s.seed, 2, x0_px, y0_px))
-    X, Y = tile_coords(x0_px, y0_px, size, mpp)
-    cH = np.zeros((size, size), np.float32)
-    cP = np.zeros((size, size), np.float32)
-    alpha = None
-    if len(cores):
-        F = sc.coarse_fields(lambda gx, gy: macro_fields(s, gx, gy), x0, y0, mpp, size,
-                             coarse_step(mpp, size))
-        edge = F["tissue"] + 2.5 * sc.tile_noise(s.seed + 9, x0_px, y0_px, size,
-                                                 sc.pow2_cell(12.0, mpp, size))
-        alpha = sc.smoothstep(-0.7 * mpp, 0.7 * mpp, edge)
-        if alpha.max() > 0:
-            nuc = np.zeros((size, size), np.float32)
-            cortex = F["cortex"] > 0
-            if cortex.any():
-                cnuc = np.zeros((size, size), np.float32)
-                h, p = _cortex_tubules(s, x0_px, y0_px, size, X, Y, rng, cnuc)
-                cH[cortex] = h[cortex]
-                cP[cortex] = p[cortex]
-                nuc[cortex] = cnuc[cortex]
-            if not cortex.all():
-                med = ~cortex
-                mnuc = np.zeros((size, size), np.float32)
-                h, p = _medulla_tubules(s, F, size, rng, mnuc)
-                cH[med] = h[med]
-                cP[med] = p[med]
-                nuc[med] = mnuc[med]
-            g = s.glom
-            for i in (g.index.query(x0, y0, x1, y1) if len(g.x) else ()):
-                R = float(g.r[i]) * 1.05
-                win = window((g.x[i] - R, g.y[i] - R, g.x[i] + R, g.y[i] + R), x0, y0, mpp,
-                             size)
-                if win is None:
-                    continue
-                rs, cs = win
-                gn = np.zeros((size, size), np.float32)
-                cover, h, p = _glomerulus(s, i, X[:, cs], Y[rs, :], x0, y0, gn)
-                cH[rs, cs] += (h - cH[rs, cs]) * cover
-                cP[rs, cs] += (p - cP[rs, cs]) * cover
-                nuc[rs, cs] = nuc[rs, cs] * (1 - cover) + gn[rs, cs] * cover
-            cP *= 1.0 - 0.35 * np.clip(nuc, 0, 1)
-            np.maximum(cH, nuc, out=cH)
-            cH *= alpha
-            cP *= alpha
-            thick = fold_thickness(s, x0, y0, mpp, size)
-            if thick is not None:
-                cH *= thick
-                cP *= thick
-        else:
-            alpha = None
-    extra = artefacts_extra_od(s, x0_px, y0_px, size)
-    if alpha is None and not extra:
-        return None
-    return sc.beer_lambert(s.stains, cH, cP, rng, extra)
+    nuc = np.zeros((size, size), np.float32)
+    cortex = F["cortex"] > 0
+    if cortex.any():
+        cnuc = np.zeros((size, size), np.float32)
+        h, p = _cortex_tubules(s, x0_px, y0_px, size, X, Y, rng, cnuc)
+        cH[cortex] = h[cortex]
+        cP[cortex] = p[cortex]
+        nuc[cortex] = cnuc[cortex]
+    if not cortex.all():
+        med = ~cortex
+        mnuc = np.zeros((size, size), np.float32)
+        h, p = _medulla_tubules(s, F, size, rng, mnuc)
+        cH[med] = h[med]
+        cP[med] = p[med]
+        nuc[med] = mnuc[med]
+    g = s.glom
+    for i in (g.index.query(x0, y0, x1, y1) if len(g.x) else ()):
+        R = float(g.r[i]) * 1.05
+        win = window((g.x[i] - R, g.y[i] - R, g.x[i] + R, g.y[i] + R), x0, y0, mpp, size)
+        if win is None:
+            continue
+        rs, cs = win
+        gn = np.zeros((size, size), np.float32)
+        cover, h, p = _glomerulus(s, i, X[:, cs], Y[rs, :], x0, y0, gn)
+        cH[rs, cs] += (h - cH[rs, cs]) * cover
+        cP[rs, cs] += (p - cP[rs, cs]) * cover
+        nuc[rs, cs] = nuc[rs, cs] * (1 - cover) + gn[rs, cs] * cover
+    cP *= 1.0 - 0.35 * np.clip(nuc, 0, 1)
+    np.maximum(cH, nuc, out=cH)
 
 
 # ----------------------------------------------------------------------------- scene build
@@ -650,12 +625,12 @@ def arrays(s: KidneyScene) -> dict:
     }
 
 
-LAYER_SPEC = TaskSpec(
+LAYER_SPEC = SynthSpec(
     name="kidney-layer", legend=LEGEND, labels=("adequate", "inadequate"),
     default_size_px=(16000, 8000), default_mpp=0.5, build=build, render_tile=render_tile,
     label_tile=label_tile, truth=truth_layer, arrays=arrays, tissue_classes=(1, 2, 3, 4),
 )
-MESANGIAL_SPEC = TaskSpec(
+MESANGIAL_SPEC = SynthSpec(
     name="mesangial", legend=LEGEND, labels=("M0", "M1"),
     default_size_px=(16000, 8000), default_mpp=0.5, build=build, render_tile=render_tile,
     label_tile=label_tile, truth=truth_mesangial, arrays=arrays, tissue_classes=(1, 2, 3, 4),

@@ -32,14 +32,11 @@ import numpy as np
 from . import scene as sc
 from .common import (
     SlideBase,
-    TaskSpec,
-    artefact_touches,
-    artefacts_extra_od,
+    SynthSpec,
     choose_counts_for_rate,
     coarse_step,
-    fold_thickness,
     pen_label,
-    tile_coords,
+    render_tissue_tile,
     window,
 )
 
@@ -379,37 +376,8 @@ def _ring_object(objs: Objects, i: int, X, Y, kind: str, seed: int):
 
 def render_tile(s: FlsScene, x0_px: int, y0_px: int, size: int) -> np.ndarray | None:
     """RGB uint8 (size, size, 3) of the tile at level-0 pixel (x0_px, y0_px); None = glass."""
-    mpp = s.mpp
-    x0, y0 = x0_px * mpp, y0_px * mpp
-    x1, y1 = x0 + size * mpp, y0 + size * mpp
-    frags = s.frag_index.query(x0, y0, x1, y1)
-    if not len(frags) and not artefact_touches(s, x0, y0, x1, y1):
-        return None
-    rng = np.random.default_rng(sc.tile_seed(s.seed, 1, x0_px, y0_px))
-    X, Y = tile_coords(x0_px, y0_px, size, mpp)
-    cH = np.zeros((size, size), np.float32)
-    cE = np.zeros((size, size), np.float32)
-    alpha = None
-    if len(frags):
-        F = sc.coarse_fields(lambda gx, gy: macro_fields(s, gx, gy), x0, y0, mpp, size,
-                             coarse_step(mpp, size))
-        edge = F["tissue"] + 2.5 * sc.tile_noise(s.seed + 9, x0_px, y0_px, size,
-                                                 sc.pow2_cell(12.0, mpp, size))
-        alpha = sc.smoothstep(-0.7 * mpp, 0.7 * mpp, edge)
-        if alpha.max() > 0:
-            _paint_tissue(s, F, x0_px, y0_px, size, X, Y, rng, cH, cE)
-            cH *= alpha
-            cE *= alpha
-            thick = fold_thickness(s, x0, y0, mpp, size)
-            if thick is not None:
-                cH *= thick
-                cE *= thick
-        else:
-            alpha = None
-    extra = artefacts_extra_od(s, x0_px, y0_px, size)
-    if alpha is None and not extra:
-        return None
-    return sc.beer_lambert(s.stains, cH, cE, rng, extra)
+    return render_tissue_tile(s, s.frag_index, 1, macro_fields, _paint_tissue, x0_px, y0_px,
+                              size)
 
 
 def _paint_tissue(s: FlsScene, F, x0_px, y0_px, size, X, Y, rng, cH, cE):
@@ -932,7 +900,7 @@ def arrays(s: FlsScene) -> dict:
     }
 
 
-SPEC = TaskSpec(
+SPEC = SynthSpec(
     name="fls", legend=LEGEND, labels=("positive", "negative"),
     default_size_px=(12000, 9000), default_mpp=0.5, build=build, render_tile=render_tile,
     label_tile=label_tile, truth=truth, arrays=arrays, tissue_classes=(1, 2, 3, 4, 5, 6),

@@ -294,6 +294,12 @@ def random_blob(rng: np.random.Generator, x_um: float, y_um: float, r_um: float,
     )
 
 
+def polyline_bbox(pts: np.ndarray, r: float) -> tuple[float, float, float, float]:
+    """Box (x0, y0, x1, y1) um around a polyline (K, 2) um, padded by `r` um."""
+    return (float(pts[:, 0].min() - r), float(pts[:, 1].min() - r),
+            float(pts[:, 0].max() + r), float(pts[:, 1].max() + r))
+
+
 def polyline_distance(x_um, y_um, pts: np.ndarray):
     """Distance (um) from points to a polyline `pts` (K, 2); also arc length and side.
 
@@ -603,9 +609,7 @@ class PenStroke:
 
     @property
     def bbox(self) -> tuple[float, float, float, float]:
-        r = self.width_um
-        return (float(self.pts[:, 0].min() - r), float(self.pts[:, 1].min() - r),
-                float(self.pts[:, 0].max() + r), float(self.pts[:, 1].max() + r))
+        return polyline_bbox(self.pts, self.width_um)
 
     def fields(self, seed: int, x_um: np.ndarray, y_um: np.ndarray) -> dict:
         """Smooth fields: `edge` (um outside the stroke edge, < 0 inside), `streak` (0-1)."""
@@ -653,9 +657,7 @@ class Fold:
 
     @property
     def bbox(self) -> tuple[float, float, float, float]:
-        r = self.width_um
-        return (float(self.pts[:, 0].min() - r), float(self.pts[:, 1].min() - r),
-                float(self.pts[:, 0].max() + r), float(self.pts[:, 1].max() + r))
+        return polyline_bbox(self.pts, self.width_um)
 
     def fields(self, x_um: np.ndarray, y_um: np.ndarray) -> dict:
         """Smooth field `edge`: um outside the fold band (< 0 inside)."""
