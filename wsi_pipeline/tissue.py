@@ -34,6 +34,8 @@ class TissueParams:
     min_object_um2: float = 5_000.0  # smaller objects are dust or debris (~70 um square)
     max_hole_um2: float = 250_000.0  # holes smaller than this (fat, lumina) count as tissue
     fat_close_um: float = 40.0       # closes the faint membrane lattice of adipose tissue
+    glass_od_margin: float = 0.03    # faint tissue absorbs at least this much more than glass
+    faint_min_width_um: float = 32.0  # faint regions thinner than this are edge halo
     pen_margin_um: float = 40.0      # tissue this close to ink is dropped with the ink
     pen_min_saturation: float = 0.25
     dark_max_rgb: int = 50           # darker than this in every channel: black ink / debris
@@ -105,15 +107,29 @@ def detect_tissue(rgb: np.ndarray, mpp: float, params: TissueParams | None = Non
 
     # Fat is white cells framed by thin stained membranes: too faint for the thresholds
     # above, so the faint lattice is closed and kept where it touches stained tissue.
-    faint = (hsv[..., 1] > p.min_saturation) & (od > p.min_od) & ~pen
+    # "Faint" = absorbing clearly more than this slide's own glass.
+    faint = (od > _glass_od_ceiling(od, mask | pen, p.glass_od_margin)) & ~pen
     lattice = morphology.closing(faint | mask, morphology.disk(px(p.fat_close_um))) & ~pen
-    lattice_labels, _ = ndi.label(lattice)
+    # An opening drops the thin halo that blur and JPEG ringing leave around every edge.
+    lattice = morphology.opening(lattice & ~mask, morphology.disk(px(p.faint_min_width_um / 2)))
+    lattice_labels, _ = ndi.label(lattice | mask)
     keep = np.unique(lattice_labels[mask])
     mask |= np.isin(lattice_labels, keep[keep > 0])
     mask = morphology.remove_small_holes(mask, max_size=px2(p.max_hole_um2))
     return TissueResult(mask=mask, mpp=mpp, pen=pen, saturation_threshold=float(sat_thr),
                         od_threshold=float(od_thr),
                         info={"pen_fraction": float(pen.mean()), "params": p.__dict__})
+
+
+def _glass_od_ceiling(od: np.ndarray, not_glass: np.ndarray, margin: float) -> float:
+    """Highest optical density plain glass reaches on this slide: the median of the
+    pixels outside tissue and ink plus 6 robust SDs (MAD), and at least ``margin``."""
+    glass = od[~not_glass]
+    if glass.size < 100:
+        return float("inf")  # no glass to learn from: add no faint tissue
+    median = float(np.median(glass))
+    mad = float(np.median(np.abs(glass - median)))
+    return median + max(6 * 1.4826 * mad, margin)
 
 
 def _otsu_floor(values: np.ndarray, floor: float) -> float:
