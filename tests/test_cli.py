@@ -217,9 +217,15 @@ def test_unique_safe_ids():
 
 
 def test_torch_stain_backend_writes_the_same_pyramid(fls_run, fls_slide, capsys, tmp_path):
+    # rerun over a copy of the numpy run: new pyramid parameters, so nothing may be skipped
+    shutil.copytree(fls_run.parent, tmp_path, dirs_exist_ok=True)
     code, _, err = run_cli(capsys, fls_slide[0], "--task", "fls", "--out", tmp_path,
                            "--stain-backend", "torch", "--device", "cpu")
     assert code == 0, err
+    report = json.loads((tmp_path / fls_run.name / "report.json").read_text())
+    assert report["pyramid"]["stain_backend"] == "torch"
+    assert report["pyramid"]["super_tiles_skipped"] == 0
+    assert report["provenance"]["stage_timings"]["stain"]["reused"]
     ours = zarr.open_group(str(tmp_path / fls_run.name / "store.zarr"), mode="r")["image/0"]
     ref = zarr.open_group(str(fls_run / "store.zarr"), mode="r")["image/0"]
     assert np.array_equal(np.asarray(ours[...]), np.asarray(ref[...]))

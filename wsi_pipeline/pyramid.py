@@ -58,9 +58,10 @@ class PyramidSpec:
 
 
 def create_levels(store: SlideStore, spec: PyramidSpec, size_um: tuple[float, float],
-                  inputs: str) -> list[zarr.Array]:
+                  inputs: str) -> tuple[list[zarr.Array], bool]:
     """Create (or reopen, when ``inputs`` match) the ``image/<k>`` arrays and their
-    OME-Zarr multiscales metadata. Unwritten chunks read as glass white."""
+    OME-Zarr multiscales metadata; return them and whether they were reopened.
+    Unwritten chunks read as glass white."""
     group = store.root.require_group("image")
     reuse = group.attrs.get("inputs") == inputs and all(str(k) in group for k in
                                                          range(len(spec.context)))
@@ -76,7 +77,7 @@ def create_levels(store: SlideStore, spec: PyramidSpec, size_um: tuple[float, fl
             dimension_names=("c", "y", "x")))
     if not reuse:
         group.attrs.update(_ome_multiscales(spec) | {"inputs": inputs})
-    return arrays
+    return arrays, reuse
 
 
 def _ome_multiscales(spec: PyramidSpec) -> dict[str, Any]:
@@ -106,7 +107,9 @@ def write_pyramid(slide: Slide, store: SlideStore, tiles: np.ndarray, spec: Pyra
     ``normalise`` maps a batch of RGB uint8 tiles (B, H, W, 3) to their normalised RGB;
     None keeps the slide's colours. ``progress`` is called with the number of super-tiles finished.
     """
-    arrays = create_levels(store, spec, slide.size_um, inputs)
+    arrays, reused = create_levels(store, spec, slide.size_um, inputs)
+    if not reused:  # markers of an earlier pyramid (other tiles, stain or MPP) mean nothing
+        store.forget("pyramid")
     marks = store.progress_dir("pyramid")
     n = spec.super_tiles
     groups: dict[tuple[int, int], list[tuple[int, int]]] = {}

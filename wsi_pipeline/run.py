@@ -78,6 +78,15 @@ def run_slide(path: str | Path, task: TaskSpec, slide_id: str, opts: RunOptions,
     started = time.perf_counter()
     slide = open_slide(path, backend=opts.backend, mpp=opts.mpp)
     timings["open"] = {"seconds": round(time.perf_counter() - started, 3), "reused": False}
+    try:
+        return _run_stages(slide, path, task, slide_id, opts, log, timings)
+    finally:
+        slide.close()
+
+
+def _run_stages(slide: Slide, path: str | Path, task: TaskSpec, slide_id: str,
+                opts: RunOptions, log: Log, timings: dict[str, dict[str, Any]]
+                ) -> dict[str, Any]:
     out_dir = opts.out / slide_id
     store = SlideStore(out_dir / "store.zarr")
     if opts.force:
@@ -110,7 +119,6 @@ def run_slide(path: str | Path, task: TaskSpec, slide_id: str, opts: RunOptions,
     report = build_report(slide, task, slide_id, opts, results, timings, fingerprint)
     write_overlay(store, out_dir / "overlay.png")
     atomic_write_json(out_dir / "report.json", report)
-    slide.close()
     return report
 
 
