@@ -175,11 +175,10 @@ def test_normalising_to_own_fit_is_near_identity(synthetic_fit):
     assert peak_signal_noise_ratio(tile, same) > 38.0
 
 
-def test_lut_cache_and_normaliser_backends(synthetic_fit):
+def test_normaliser_backends(synthetic_fit):
     px, fit = synthetic_fit
     tile = px[:4096].reshape(64, 64, 3)
     numpy_norm = stain.make_normaliser(fit, "he")
-    assert stain.get_lut(fit, HE) is numpy_norm.lut  # cached per (source, target)
     expected = stain.normalise_direct(tile, fit, HE)
     np.testing.assert_array_equal(numpy_norm(tile), expected)
     torch_norm = stain.make_normaliser(fit, HE, backend="torch", device="cpu")

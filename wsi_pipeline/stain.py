@@ -20,8 +20,6 @@ rows: haematoxylin, then eosin or PAS magenta) and c >= 0 the two concentrations
 from __future__ import annotations
 
 import os
-import threading
-from collections import OrderedDict
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,7 +39,6 @@ __all__ = [
     "build_lut",
     "concentrations",
     "fit_vahadane",
-    "get_lut",
     "luminosity",
     "lut_to_torch",
     "make_normaliser",
@@ -396,31 +393,10 @@ def build_lut(source: StainFit, target: StainFit, *, threads: int | None = None)
     return lut.reshape(-1)
 
 
-_LUT_CACHE: OrderedDict[tuple[StainFit, StainFit], np.ndarray] = OrderedDict()
-_LUT_CACHE_SIZE = 2  # 64 MB each
-_LUT_LOCK = threading.Lock()
-
-
-def get_lut(source: StainFit, target: StainFit) -> np.ndarray:
-    """`build_lut`, cached for the last few (source, target) pairs. Do not modify it."""
-    key = (source, target)
-    with _LUT_LOCK:
-        if key in _LUT_CACHE:
-            _LUT_CACHE.move_to_end(key)
-            return _LUT_CACHE[key]
-        lut = build_lut(source, target)
-        lut.setflags(write=False)
-        _LUT_CACHE[key] = lut
-        while len(_LUT_CACHE) > _LUT_CACHE_SIZE:
-            _LUT_CACHE.popitem(last=False)
-        return lut
-
-
 # --------------------------------------------------------------------------- applying
 
 
 _CHUNK = 32_768  # pixels per step: keeps the index and gather buffers in L2 cache
-_scratch = threading.local()
 
 
 def normalise(tile: np.ndarray, lut: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
@@ -450,10 +426,7 @@ def normalise(tile: np.ndarray, lut: np.ndarray, *, out: np.ndarray | None = Non
     if n == 0:
         return out
     src, dst = tile.reshape(-1), out.reshape(-1)
-    if getattr(_scratch, "index", None) is None:
-        _scratch.index = np.empty(_CHUNK, np.intp)
-        _scratch.gathered = np.empty(_CHUNK, np.uint32)
-    index, gathered = _scratch.index, _scratch.gathered
+    index, gathered = np.empty(_CHUNK, np.intp), np.empty(_CHUNK, np.uint32)
 
     # Each pixel is read and written as one little-endian uint32 at a 3-byte stride: the
     # read picks up the next pixel's R as its top byte (masked off); the write spills a 0
@@ -476,8 +449,6 @@ def lut_to_torch(lut: np.ndarray, device: str | torch.device = "cpu") -> torch.T
     import torch
 
     words = np.ascontiguousarray(lut).view(np.int32)
-    if not words.flags.writeable:  # cached LUTs are read-only; torch wants writable memory
-        words = words.copy()
     return torch.from_numpy(words).to(device)
 
 
@@ -548,7 +519,7 @@ class Normaliser:
         self.source, self.target = source, target
         self.backend, self.device = backend, device
         self._staintools = staintools_normaliser
-        self.lut = get_lut(source, target) if backend in ("numpy", "torch") else None
+        self.lut = build_lut(source, target) if backend in ("numpy", "torch") else None
         self.lut_t = lut_to_torch(self.lut, device) if backend == "torch" else None
 
     def __call__(self, tiles: Any) -> Any:
