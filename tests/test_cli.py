@@ -170,7 +170,11 @@ def test_blank_glass_is_no_tissue(capsys, tmp_path, glass_slide):
     code, _, err = run_cli(capsys, glass_slide, "--task", "fls", "--out", tmp_path)
     assert code == 1
     assert_one_error_line(err, "no tissue")
-    assert not (tmp_path / "glass" / "report.json").exists()
+    # the report says why it stopped and cannot pass for an analysis
+    report = json.loads((tmp_path / "glass" / "report.json").read_text())
+    assert report["quality"]["no_tissue"] is True and report["complete"] is False
+    assert report["diagnosis"]["label"] is None and report["stages_completed"] == ["tissue"]
+    assert "failed" in (tmp_path / "summary.csv").read_text()
 
 
 def test_truncated_slide(capsys, tmp_path, fls_slide):
@@ -214,6 +218,21 @@ def test_usage_errors_exit_2(tmp_path):
 
 def test_unique_safe_ids():
     assert unique_ids(["a b", "a b", "../x", "ok.1"]) == ["a_b", "a_b-2", "x", "ok.1"]
+    assert unique_ids(["a", "a", "a-2", "A"]) == ["a", "a-2", "a-2-2", "A-3"]
+
+
+def test_bad_mpp_and_missing_gpu_are_usage_errors(capsys, tmp_path, fls_slide):
+    code, _, err = run_cli(capsys, fls_slide[0], "--task", "fls", "--out", tmp_path,
+                           "--mpp", "400")
+    assert code == 2
+    assert_one_error_line(err, "--mpp 400")
+    import torch
+
+    if not torch.cuda.is_available():
+        code, _, err = run_cli(capsys, fls_slide[0], "--task", "fls", "--out", tmp_path,
+                               "--device", "cuda")
+        assert code == 2
+        assert_one_error_line(err, "no CUDA GPU")
 
 
 def test_torch_stain_backend_writes_the_same_pyramid(fls_run, fls_slide, capsys, tmp_path):
@@ -257,5 +276,5 @@ def test_glomerular_dx_takes_a_case_folder(capsys, tmp_path):
     code, _, err = run_cli(capsys, case, "--task", "glomerular-dx", "--out", tmp_path / "o",
                            "--until", "tissue")
     assert code == 0, err
-    report = json.loads((tmp_path / "o" / "biopsy" / "report.json").read_text())
+    report = json.loads((tmp_path / "o" / "case01" / "report.json").read_text())
     assert report["task"] == "glomerular-dx" and report["slide"]["vendor"] == "aperio"

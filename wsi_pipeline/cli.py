@@ -19,9 +19,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import NoSlidesFound, SlideNotFound, UsageError, WsiError
-from .run import STAGES, RunOptions, run_slide
-from .slide import find_slides, is_url
+from .errors import NoSlidesFound, OutputNotWritable, SlideNotFound, UsageError, WsiError
+from .run import STAGES, RunOptions, resolve_device, run_slide
+from .slide import PLAUSIBLE_MPP, find_slides, is_url
 from .store import atomic_write_bytes, prepare_output
 from .tasks import TASK_NAMES, get_task
 
@@ -55,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.workers < 1:
             raise UsageError("--workers must be at least 1")
+        if args.mpp is not None and not PLAUSIBLE_MPP[0] <= args.mpp <= PLAUSIBLE_MPP[1]:
+            raise UsageError(f"--mpp {args.mpp} is outside {PLAUSIBLE_MPP[0]}-"
+                             f"{PLAUSIBLE_MPP[1]} um/px")
+        if args.device == "cuda":
+            resolve_device("cuda")  # fails here, once, rather than on every slide
         task = get_task(args.task)
         out = prepare_output(args.out)
     except WsiError as exc:
@@ -92,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         except WsiError as exc:
             row.update(status="failed", error=str(exc))
             _fail(exc)
+        except OSError as exc:  # disk full, permissions, a file vanishing mid-run
+            error = OutputNotWritable(f"{path}: I/O error: {exc}")
+            row.update(status="failed", error=str(error))
+            _fail(error)
         except KeyboardInterrupt:
             print(f"{PROG}: interrupted; finished stages are kept, rerun to resume",
                   file=sys.stderr)
@@ -111,29 +120,29 @@ def expand_inputs(paths: list[str], input_kind: str, recursive: bool
                   ) -> list[tuple[str, str | Path, WsiError | None]]:
     """(slide_id, path, error) for every input; a bad PATH becomes an error entry so the
     batch goes on with the others."""
-    found: list[tuple[str | Path, WsiError | None]] = []
+    found: list[tuple[str, str | Path, WsiError | None]] = []  # (name, path, error)
     for raw in paths:
         if is_url(raw):
-            found.append((raw, None))
+            found.append((_stem(raw), raw, None))
             continue
         p = Path(raw)
         if not p.exists():
-            found.append((p, SlideNotFound(f"{p}: no such file or folder")))
+            found.append((p.name, p, SlideNotFound(f"{p}: no such file or folder")))
         elif p.is_dir() and input_kind == "case" and (p / "om").is_dir():
-            slides = find_slides(p / "om")
-            found.append((slides[0], None) if slides else
-                         (p, NoSlidesFound(f"{p}: case folder has no slide in om/")))
+            slides = find_slides(p / "om")  # a case is named after its folder
+            found.append((p.name, slides[0], None) if slides else
+                         (p.name, p, NoSlidesFound(f"{p}: case folder has no slide in om/")))
         elif p.is_dir():
             slides = find_slides(p, recursive)
             if not slides:
-                found.append((p, NoSlidesFound(
+                found.append((p.name, p, NoSlidesFound(
                     f"{p}: folder holds no slide files"
                     + ("" if recursive else " (use --recursive for sub-folders)"))))
-            found.extend((s, None) for s in slides)
+            found.extend((_stem(s), s, None) for s in slides)
         else:
-            found.append((p, None))
-    ids = unique_ids([_stem(p) for p, _ in found])
-    return [(i, p, e) for i, (p, e) in zip(ids, found, strict=True)]
+            found.append((_stem(p), p, None))
+    ids = unique_ids([name for name, _, _ in found])
+    return [(i, p, e) for i, (_, p, e) in zip(ids, found, strict=True)]
 
 
 def _stem(path: str | Path) -> str:
@@ -148,13 +157,18 @@ def safe_id(name: str) -> str:
 
 
 def unique_ids(names: list[str]) -> list[str]:
-    """Safe ids, with ``-2``, ``-3``... appended to repeats."""
-    seen: dict[str, int] = {}
+    """Safe ids, with ``-2``, ``-3``... appended to repeats; unique even on a
+    case-insensitive file system."""
+    taken: set[str] = set()
     out = []
     for name in names:
-        base = safe_id(name)
-        seen[base] = seen.get(base, 0) + 1
-        out.append(base if seen[base] == 1 else f"{base}-{seen[base]}")
+        base = candidate = safe_id(name)
+        n = 1
+        while candidate.casefold() in taken:
+            n += 1
+            candidate = f"{base}-{n}"
+        taken.add(candidate.casefold())
+        out.append(candidate)
     return out
 
 

@@ -3,7 +3,7 @@
 Work is cut into *super-tiles*: the block of level-0 tiles that one tile of the coarsest
 level covers (4 x 4 tiles for context 1, 2, 4). A super-tile reads its tissue tiles once
 from the slide, normalises them, writes them to level 0, and box-averages the same pixels
-into the coarser levels, so every slide pixel is decoded once. Super-tiles run in parallel
+into the coarser levels, so those cost no extra slide reads. Super-tiles run in parallel
 with dask and each leaves a marker file when all its chunks are on disk: a killed run
 resumes at super-tile granularity and a finished one is skipped whole.
 """
@@ -58,13 +58,17 @@ class PyramidSpec:
 
 
 def create_levels(store: SlideStore, spec: PyramidSpec, size_um: tuple[float, float],
-                  inputs: str) -> tuple[list[zarr.Array], bool]:
+                  inputs: str) -> list[zarr.Array]:
     """Create (or reopen, when ``inputs`` match) the ``image/<k>`` arrays and their
-    OME-Zarr multiscales metadata; return them and whether they were reopened.
-    Unwritten chunks read as glass white."""
+    OME-Zarr multiscales metadata. Unwritten chunks read as glass white."""
     group = store.root.require_group("image")
     reuse = group.attrs.get("inputs") == inputs and all(str(k) in group for k in
                                                          range(len(spec.context)))
+    if not reuse:
+        # Unstamp first, then drop the old super-tile markers, then overwrite: a kill at any
+        # point leaves no marker that could vouch for the new, still empty arrays.
+        group.attrs["inputs"] = None
+        store.forget("pyramid")
     arrays = []
     for k in range(len(spec.context)):
         if reuse:
@@ -77,7 +81,17 @@ def create_levels(store: SlideStore, spec: PyramidSpec, size_um: tuple[float, fl
             dimension_names=("c", "y", "x")))
     if not reuse:
         group.attrs.update(_ome_multiscales(spec) | {"inputs": inputs})
-    return arrays, reuse
+    return arrays
+
+
+def super_tile_groups(tiles: np.ndarray, spec: PyramidSpec
+                      ) -> dict[tuple[int, int], list[tuple[int, int]]]:
+    """Level-0 tiles ((N, 2) row, col) grouped by the super-tile (row, col) holding them."""
+    n = spec.super_tiles
+    groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for r, c in tiles.tolist():
+        groups.setdefault((r // n, c // n), []).append((r, c))
+    return dict(sorted(groups.items()))
 
 
 def _ome_multiscales(spec: PyramidSpec) -> dict[str, Any]:
@@ -107,16 +121,11 @@ def write_pyramid(slide: Slide, store: SlideStore, tiles: np.ndarray, spec: Pyra
     ``normalise`` maps a batch of RGB uint8 tiles (B, H, W, 3) to their normalised RGB;
     None keeps the slide's colours. ``progress`` is called with the number of super-tiles finished.
     """
-    arrays, reused = create_levels(store, spec, slide.size_um, inputs)
-    if not reused:  # markers of an earlier pyramid (other tiles, stain or MPP) mean nothing
-        store.forget("pyramid")
+    arrays = create_levels(store, spec, slide.size_um, inputs)
     marks = store.progress_dir("pyramid")
-    n = spec.super_tiles
-    groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
-    for r, c in tiles.tolist():
-        groups.setdefault((r // n, c // n), []).append((r, c))
+    groups = super_tile_groups(tiles, spec)
 
-    todo = [(key, members) for key, members in sorted(groups.items())
+    todo = [(key, members) for key, members in groups.items()
             if not (marks / f"{key[0]}_{key[1]}").exists()]
     skipped = len(groups) - len(todo)
     if progress and skipped:
@@ -184,15 +193,3 @@ def _halve(rgb: np.ndarray) -> np.ndarray:
     Pillow's ``reduce`` gives the same bytes as a numpy reshape-mean, ~7x faster.
     """
     return np.asarray(Image.fromarray(rgb).reduce(2))
-
-
-def read_region(arrays: list[zarr.Array], level: int, y_px: int, x_px: int, size_px: int
-                ) -> np.ndarray:
-    """(3, size, size) uint8 window of pyramid ``level``, padded with glass outside."""
-    arr = arrays[level]
-    out = np.full((3, size_px, size_px), GLASS, np.uint8)
-    y0, x0 = max(y_px, 0), max(x_px, 0)
-    y1, x1 = min(y_px + size_px, arr.shape[1]), min(x_px + size_px, arr.shape[2])
-    if y1 > y0 and x1 > x0:
-        out[:, y0 - y_px:y1 - y_px, x0 - x_px:x1 - x_px] = arr[:, y0:y1, x0:x1]
-    return out

@@ -9,6 +9,7 @@ stage; a changed slide or parameter recomputes it and everything after it.
 from __future__ import annotations
 
 import platform
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from skimage.segmentation import find_boundaries
 from . import __version__
 from . import stain as stain_mod
 from .errors import NoTissue, UsageError
-from .pyramid import PyramidSpec, write_pyramid
+from .pyramid import PyramidSpec, super_tile_groups, write_pyramid
 from .slide import Slide, open_slide
 from .store import SlideStore, atomic_write_bytes, atomic_write_json, checksum, file_fingerprint
 from .tasks import TaskSpec
@@ -88,21 +89,25 @@ def _run_stages(slide: Slide, path: str | Path, task: TaskSpec, slide_id: str,
                 opts: RunOptions, log: Log, timings: dict[str, dict[str, Any]]
                 ) -> dict[str, Any]:
     out_dir = opts.out / slide_id
-    store = SlideStore(out_dir / "store.zarr")
     if opts.force:
-        store.forget(*STAGES)
+        shutil.rmtree(out_dir / "store.zarr", ignore_errors=True)
+    for stale in ("report.json", "overlay.png"):  # never left to describe an older run
+        (out_dir / stale).unlink(missing_ok=True)
+    store = SlideStore(out_dir / "store.zarr")
     fingerprint = file_fingerprint(path)
     upto = STAGES[: STAGES.index(opts.until) + 1]
     ctx: dict[str, Any] = {"slide": slide, "store": store, "task": task, "opts": opts,
                            "fingerprint": fingerprint, "log": log, "slide_id": slide_id}
     results: dict[str, Any] = {}
-    upstream = checksum(fingerprint, slide.mpp)
+    upstream = checksum(fingerprint, slide.mpp, slide.backend, __version__)
     for stage in upto:
         params = _STAGE_PARAMS[stage](ctx)
         inputs = checksum(stage, upstream, params)
         entry = store.finished(stage, inputs)
         reused = entry is not None
         if entry is None:
+            # this stage and those after it are about to change: their entries go first
+            store.invalidate(*STAGES[STAGES.index(stage):])
             t0 = time.perf_counter()
             log({"slide": slide_id, "stage": stage, "status": "started"})
             result = _STAGE_RUN[stage](ctx, results, inputs)
@@ -112,14 +117,20 @@ def _run_stages(slide: Slide, path: str | Path, task: TaskSpec, slide_id: str,
         log({"slide": slide_id, "stage": stage, "status": "reused" if reused else "done",
              "seconds": entry["seconds"]})
         if stage == "tissue" and results["tissue"]["n_tiles"] == 0:
+            _write_outputs(store, out_dir, build_report(slide, task, slide_id, opts, results,
+                                                        timings, fingerprint))
             raise NoTissue(f"{slide.path}: no tissue found (blank glass?) at "
                            f"{results['tissue']['thumbnail_mpp']:g} um/px")
         upstream = inputs
 
     report = build_report(slide, task, slide_id, opts, results, timings, fingerprint)
+    _write_outputs(store, out_dir, report)
+    return report
+
+
+def _write_outputs(store: SlideStore, out_dir: Path, report: dict[str, Any]) -> None:
     write_overlay(store, out_dir / "overlay.png")
     atomic_write_json(out_dir / "report.json", report)
-    return report
 
 
 # -- stages ----------------------------------------------------------------------------------
@@ -151,7 +162,8 @@ def _run_tissue(ctx: dict[str, Any], results: dict[str, Any], inputs: str) -> di
 def _stain_params(ctx: dict[str, Any]) -> dict[str, Any]:
     opts, task = ctx["opts"], ctx["task"]
     return {"reference": task.stain, "sample_tiles": opts.stain_sample_tiles, "seed": opts.seed,
-            "mpp": task.mpp, "tile_px": task.tile_px}
+            "mpp": task.mpp, "tile_px": task.tile_px,
+            "reference_fit": stain_mod.REFERENCES[task.stain].to_dict()}
 
 
 def _run_stain(ctx: dict[str, Any], results: dict[str, Any], inputs: str) -> dict[str, Any]:
@@ -184,8 +196,7 @@ def _run_pyramid(ctx: dict[str, Any], results: dict[str, Any], inputs: str) -> d
                                           device=device)
     spec = PyramidSpec(mpp=task.mpp, tile_px=task.tile_px, context=task.context)
     tiles = store.read_array("tiles")
-    bar = _progress_bar(opts, total=len({(r // spec.super_tiles, c // spec.super_tiles)
-                                         for r, c in tiles.tolist()}),
+    bar = _progress_bar(opts, total=len(super_tile_groups(tiles, spec)),
                         desc=f"{ctx['slide_id']} pyramid")
     try:
         stats = write_pyramid(slide, store, tiles, spec, normalise, inputs,
@@ -229,7 +240,8 @@ def build_report(slide: Slide, task: TaskSpec, slide_id: str, opts: RunOptions,
         "complete": False,
         "stages_completed": list(results),
         "diagnosis": {"label": None, "adequate": None,
-                      "note": f"no model stage run (--until {opts.until})"},
+                      "note": "no tissue found" if tissue.get("n_tiles") == 0
+                      else f"no model stage run (--until {opts.until})"},
         "scores": {},
         "counts": {"tissue_tiles": tissue.get("n_tiles")},
         "areas_mm2": {"tissue": tissue.get("tissue_area_mm2")},
@@ -262,9 +274,7 @@ def write_overlay(store: SlideStore, path: Path) -> None:
     labels = store.read_array("tissue/mask")
     out = thumb.copy()
     for value, colour in ((2, (0, 60, 255)), (1, (0, 200, 0))):
-        edge = find_boundaries(labels == value, mode="outer")
-        edge |= np.roll(edge, 1, axis=0) | np.roll(edge, 1, axis=1)  # 2 px wide, visible
-        out[edge] = colour
+        out[find_boundaries(labels == value, mode="thick")] = colour  # 2 px wide, visible
     import io
 
     buf = io.BytesIO()

@@ -224,13 +224,14 @@ class Slide:
     def thumbnail(self, mpp: float, max_read_px: int = 4096) -> np.ndarray:
         """The whole slide at about ``mpp`` um/px, RGB uint8 (H, W, 3).
 
-        Read in strips of at most ``max_read_px`` source rows so that memory stays bounded by
-        the thumbnail size even on a single-level slide.
+        Read in strips of at most ``max_read_px``^2 source pixels so that memory stays bounded
+        by the thumbnail size even on a single-level slide.
         """
         w_um, h_um = self.size_um
         out_w, out_h = max(1, round(w_um / mpp)), max(1, round(h_um / mpp))
-        level_mpp = self.level_mpps[self.best_level(mpp)]
-        rows = max(1, int(max_read_px * level_mpp / mpp))
+        level = self.best_level(mpp)
+        source_rows = max(1, max_read_px**2 // self.levels[level].width)  # <= max_read_px^2 px
+        rows = max(1, int(source_rows * self.level_mpps[level] / mpp))
         strips = [
             self.read(0.0, y * mpp, out_w, min(rows, out_h - y), mpp)
             for y in range(0, out_h, rows)

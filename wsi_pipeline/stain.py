@@ -45,7 +45,6 @@ __all__ = [
     "normalise",
     "normalise_direct",
     "normalise_torch",
-    "od_to_rgb",
     "resolve_reference",
     "rgb_to_od",
     "stain_similarity",
@@ -161,12 +160,6 @@ def stain_similarity(fit: StainFit, reference: str | StainFit) -> float:
 def rgb_to_od(rgb: np.ndarray) -> np.ndarray:
     """(..., 3) uint8 RGB -> (..., 3) float32 optical density, -ln(max(I, 1) / 255)."""
     return _OD_TABLE32[np.asarray(rgb, dtype=np.uint8)]
-
-
-def od_to_rgb(od: np.ndarray) -> np.ndarray:
-    """(..., 3) optical density -> (..., 3) uint8 RGB (rounded, clipped to 0..255)."""
-    rgb = 255.0 * np.exp(-np.asarray(od, dtype=np.float64))
-    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
 
 
 def _srgb_luminance_tables() -> np.ndarray:

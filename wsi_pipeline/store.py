@@ -140,6 +140,14 @@ class SlideStore:
         atomic_write_json(self.path / MANIFEST, manifest)
         return entry
 
+    def invalidate(self, *stages: str) -> None:
+        """Drop the manifest entries of ``stages`` (their data are about to be rewritten);
+        progress markers stay, so an interrupted stage still resumes."""
+        manifest = self.manifest()
+        dropped = [manifest["stages"].pop(stage, None) for stage in stages]
+        if any(entry is not None for entry in dropped):
+            atomic_write_json(self.path / MANIFEST, manifest)
+
     def forget(self, *stages: str) -> None:
         """Drop manifest entries (and progress markers) of ``stages`` so they are recomputed."""
         manifest = self.manifest()
