@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                        tiles=report["counts"]["tissue_tiles"])
             if not args.quiet:
                 say(f"{slide_id}: {row['status']}; tissue {row['tissue_mm2']} mm2, "
-                      f"{row['tiles']} tiles -> {out / slide_id}")
+                    f"{row['tiles']} tiles -> {out / slide_id}")
         except WsiError as exc:
             row.update(status="failed", error=str(exc))
             _fail(exc)
