@@ -1,0 +1,40 @@
+"""Model registry in the style of segmentation-models-pytorch.
+
+Contract of every model: ``forward(x)`` takes (B, L, 3, H, W) float in [0, 1] -- L
+concentric patches of the same pixel size around one centre, level i covering
+2**levels[i] times the finest field of view, finest first -- and returns logits
+(B, classes, H, W) over the finest patch. Each model normalises its own input and exposes
+``levels`` (pyramid levels it needs, 0 = working MPP), ``classes``, ``arch`` (its registry
+name) and ``arch_kwargs`` (every argument ``build_model`` needs to rebuild it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from ..errors import UsageError
+from .baselines import HookNet, UNet
+from .m2cf_net import M2CFNet
+
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
+    "m2cf_net": M2CFNet,
+    "unet": UNet,
+    "hooknet": HookNet,
+}
+
+__all__ = ["ARCHITECTURES", "HookNet", "M2CFNet", "UNet", "build_model", "count_parameters"]
+
+
+def build_model(arch: str, **kwargs) -> nn.Module:
+    """A freshly initialised model of architecture ``arch`` (a key of ``ARCHITECTURES``)."""
+    if arch not in ARCHITECTURES:
+        raise UsageError(f"unknown architecture {arch!r} (choices: "
+                         f"{', '.join(sorted(ARCHITECTURES))})")
+    return ARCHITECTURES[arch](**kwargs)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters (weights only, not buffers such as BatchNorm statistics)."""
+    return sum(p.numel() for p in model.parameters())
