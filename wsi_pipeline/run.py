@@ -1,4 +1,5 @@
-"""One slide through the staged pipeline: open -> tissue -> stain -> pyramid.
+"""One slide through the staged pipeline:
+open -> tissue -> stain -> pyramid -> infer -> stitch -> measure -> export.
 
 Each stage reads what the stage before it left in the slide's store, and records itself in
 the store's manifest with a checksum of its inputs (the slide's fingerprint, the upstream
@@ -23,14 +24,19 @@ from skimage.segmentation import find_boundaries
 
 from . import __version__
 from . import stain as stain_mod
-from .errors import NoTissue, UsageError
+from .errors import CheckpointError, NoTissue, UsageError
+from .export import class_colors, write_geojson, write_mask_ome_tiff
+from .export import write_overlay as export_overlay
+from .infer import EngineOptions, infer_to_store, window_grid
 from .pyramid import PyramidSpec, super_tile_groups, write_pyramid
 from .slide import Slide, open_slide
 from .store import SlideStore, atomic_write_bytes, atomic_write_json, checksum, file_fingerprint
-from .tasks import TaskSpec
+from .tasks import TaskSpec, task_rules
 from .tissue import TissueParams, detect_tissue, thumbnail_mpp, tile_grid
 
-STAGES: tuple[str, ...] = ("tissue", "stain", "pyramid")
+STAGES: tuple[str, ...] = ("tissue", "stain", "pyramid", "infer", "stitch", "measure",
+                           "export")
+MODEL_STAGES = STAGES[STAGES.index("infer"):]
 Log = Callable[[dict[str, Any]], None]
 
 
@@ -39,12 +45,15 @@ class RunOptions:
     """Everything a run needs besides the slide and the task (the CLI's options)."""
 
     out: Path
-    until: str = "pyramid"
+    until: str = "export"
     mpp: float | None = None
     backend: str = "auto"
     stain_backend: str = "numpy"
     device: str = "auto"
     workers: int = 2
+    batch_size: int = 8
+    weights: Path | None = None       # None: the task's bundled demo weights
+    model: str = "network"            # "network" or "classical" (weight-free, fls only)
     force: bool = False
     tissue: TissueParams = field(default_factory=TissueParams)
     min_tile_tissue: float = 0.01     # fraction of a tile that must be tissue (edges count)
@@ -72,8 +81,12 @@ def run_slide(path: str | Path, task: TaskSpec, slide_id: str, opts: RunOptions,
     """Run ``task``'s stages up to ``opts.until`` on one slide; write report.json and
     overlay.png under ``opts.out/slide_id``; return the report."""
     if opts.until not in STAGES:
-        raise UsageError(f"--until {opts.until}: this version runs the stages "
-                         f"{', '.join(STAGES)}")
+        raise UsageError(f"--until {opts.until}: choose one of {', '.join(STAGES)}")
+    if opts.until in MODEL_STAGES and task.model is None:
+        raise UsageError(f"task {task.name} has no model stage in this version; run it with "
+                         "--until pyramid")
+    if opts.model == "classical" and task.name != "fls":
+        raise UsageError(f"--model classical exists for the fls task only, not {task.name}")
     log = log or (lambda _: None)
     timings: dict[str, dict[str, Any]] = {}
     started = time.perf_counter()
@@ -91,13 +104,14 @@ def _run_stages(slide: Slide, path: str | Path, task: TaskSpec, slide_id: str,
     out_dir = opts.out / slide_id
     if opts.force:
         shutil.rmtree(out_dir / "store.zarr", ignore_errors=True)
-    for stale in ("report.json", "overlay.png"):  # never left to describe an older run
+    for stale in OUTPUT_FILES:  # never left to describe an older run
         (out_dir / stale).unlink(missing_ok=True)
     store = SlideStore(out_dir / "store.zarr")
     fingerprint = file_fingerprint(path)
     upto = STAGES[: STAGES.index(opts.until) + 1]
     ctx: dict[str, Any] = {"slide": slide, "store": store, "task": task, "opts": opts,
-                           "fingerprint": fingerprint, "log": log, "slide_id": slide_id}
+                           "fingerprint": fingerprint, "log": log, "slide_id": slide_id,
+                           "out_dir": out_dir}
     results: dict[str, Any] = {}
     upstream = checksum(fingerprint, slide.mpp, slide.backend, __version__)
     for stage in upto:
@@ -123,13 +137,18 @@ def _run_stages(slide: Slide, path: str | Path, task: TaskSpec, slide_id: str,
                            f"{results['tissue']['thumbnail_mpp']:g} um/px")
         upstream = inputs
 
-    report = build_report(slide, task, slide_id, opts, results, timings, fingerprint)
+    model = ctx["model"][1] if "model" in ctx else None
+    report = build_report(slide, task, slide_id, opts, results, timings, fingerprint, model)
     _write_outputs(store, out_dir, report)
     return report
 
 
+OUTPUT_FILES = ("report.json", "overlay.png", "mask.ome.tif", "objects.geojson")
+
+
 def _write_outputs(store: SlideStore, out_dir: Path, report: dict[str, Any]) -> None:
-    write_overlay(store, out_dir / "overlay.png")
+    if not report.get("complete"):   # the export stage writes the finished outputs itself
+        write_overlay(store, out_dir / "overlay.png")
     atomic_write_json(out_dir / "report.json", report)
 
 
@@ -211,31 +230,162 @@ def _run_pyramid(ctx: dict[str, Any], results: dict[str, Any], inputs: str) -> d
     return stats | {"stain_backend": opts.stain_backend, "device": device}
 
 
-_STAGE_PARAMS = {"tissue": _tissue_params, "stain": _stain_params, "pyramid": _pyramid_params}
-_STAGE_RUN = {"tissue": _run_tissue, "stain": _run_stain, "pyramid": _run_pyramid}
+# -- model stages: infer -> stitch -> measure -> export -----------------------------------------
+def demo_weights(task: TaskSpec) -> Path:
+    """The bundled demo checkpoint of ``task`` (``wsi_pipeline/weights/<stem>.safetensors``)."""
+    stem = task.model.demo_weights if task.model else None
+    path = Path(__file__).parent / "weights" / f"{stem}.safetensors"
+    if stem is None or not path.exists():
+        raise CheckpointError(f"no bundled demo weights for task {task.name}; pass --weights "
+                              "FILE" + (" or --model classical" if task.name == "fls" else ""))
+    return path
 
 
-def _progress_bar(opts: RunOptions, total: int, desc: str) -> Any:
+def _model(ctx: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """(network, sidecar) of the run, loaded once; (None, description) in classical mode."""
+    if "model" not in ctx:
+        opts, task = ctx["opts"], ctx["task"]
+        if opts.model == "classical":
+            ctx["model"] = (None, {"architecture": "classical", "demo": False, "sha256": None,
+                                   "description": "weight-free: dense aggregates of "
+                                                  "lymphocytes found by a nucleus detector"})
+        else:
+            from .checkpoint import load_checkpoint
+
+            ctx["model"] = load_checkpoint(opts.weights or demo_weights(task), task=task.name)
+    return ctx["model"]
+
+
+def _infer_params(ctx: dict[str, Any]) -> dict[str, Any]:
+    task, rules = ctx["task"], task_rules(ctx["task"])
+    network, meta = _model(ctx)
+    if network is None:
+        return {"mode": "classical", "lymphocytes": asdict(rules.LymphocyteParams()),
+                "aggregates": asdict(rules.AggregateParams())}
+    return {"mode": "network", "architecture": meta["architecture"],
+            "weights_sha256": meta["sha256"], "tile_px": task.tile_px,
+            "overlap_px": task.model.overlap_px, "out_downsample": task.model.out_downsample}
+
+
+def _run_infer(ctx: dict[str, Any], results: dict[str, Any], inputs: str) -> dict[str, Any]:
+    slide, store, task, opts = ctx["slide"], ctx["store"], ctx["task"], ctx["opts"]
+    network, _ = _model(ctx)
+    tiles = store.read_array("tiles")
+    if network is None:
+        rules = task_rules(task)
+        bar = _progress_bar(opts, total=len(tiles), desc=f"{ctx['slide_id']} lymphocytes",
+                            unit="tile")
+        try:
+            return rules.classical_infer(
+                slide, store, _stain_fit(results), rules.Params(), rules.LymphocyteParams(),
+                rules.AggregateParams(), workers=opts.workers,
+                progress=bar.update if bar else None)
+        finally:
+            if bar:
+                bar.close()
+    spec = task.model
+    level0_hw = tuple(store.root["image/0"].shape[1:])
+    windows = window_grid(tiles, task.tile_px, level0_hw, spec.overlap_px)
+    device = resolve_device(opts.device)
+    bar = _progress_bar(opts, total=len(windows), desc=f"{ctx['slide_id']} infer",
+                        unit="window")
+    try:
+        return infer_to_store(
+            network, store, "prob", windows, size_px=task.tile_px, overlap_px=spec.overlap_px,
+            context=task.context, level0_hw=level0_hw, out_downsample=spec.out_downsample,
+            options=EngineOptions(device=device, batch_size=opts.batch_size,
+                                  workers=opts.workers),
+            inputs=inputs, attrs={"mpp": task.pred_mpp, "classes": list(spec.classes)},
+            progress=bar.update if bar else None)
+    finally:
+        if bar:
+            bar.close()
+
+
+def _stitch_params(ctx: dict[str, Any]) -> dict[str, Any]:
+    return asdict(task_rules(ctx["task"]).Params())
+
+
+def _run_stitch(ctx: dict[str, Any], results: dict[str, Any], inputs: str) -> dict[str, Any]:
+    rules = task_rules(ctx["task"])
+    return rules.stitch(ctx["store"], rules.Params())
+
+
+def _measure_params(ctx: dict[str, Any]) -> dict[str, Any]:
+    rules = task_rules(ctx["task"])
+    return {"rules": asdict(rules.Params()), "lymphocytes": asdict(rules.LymphocyteParams())}
+
+
+def _run_measure(ctx: dict[str, Any], results: dict[str, Any], inputs: str) -> dict[str, Any]:
+    rules = task_rules(ctx["task"])
+    return rules.measure(ctx["slide"], ctx["store"], _stain_fit(results), rules.Params(),
+                         rules.LymphocyteParams(), results["stitch"]["areas_mm2"])
+
+
+def _export_params(ctx: dict[str, Any]) -> dict[str, Any]:
+    return {"files": ["mask.ome.tif", "objects.geojson", "overlay.png"]}
+
+
+def _run_export(ctx: dict[str, Any], results: dict[str, Any], inputs: str) -> dict[str, Any]:
+    """mask.ome.tif (label map at the working MPP), objects.geojson, overlay.png; the
+    report is written after the stage loop, from the manifest."""
+    slide, store, task = ctx["slide"], ctx["store"], ctx["task"]
+    out_dir = ctx["out_dir"]
+    rules = task_rules(task)
+    classes = store.root["pred/classes"]
+    mpp = float(classes.attrs["mpp"])
+    mask = write_mask_ome_tiff(out_dir / "mask.ome.tif", classes, mpp, out_mpp=task.mpp,
+                               legend=rules.LEGEND)
+    objects = results["measure"]["objects"]
+    n = write_geojson(out_dir / "objects.geojson",
+                      [{"polygon_um": o["polygon_um"], "name": o["name"], "color": o["color"],
+                        "object_type": "annotation", "measurements": o["measurements"]}
+                       for o in objects], slide_mpp=slide.mpp)
+    colors = {k: c for k, c in class_colors(rules.LEGEND).items() if k in rules.OVERLAY_CLASSES}
+    export_overlay(out_dir / "overlay.png", store.read_array("tissue/thumbnail"),
+                   float(store.root["tissue/thumbnail"].attrs["mpp"]), labels=classes,
+                   label_mpp=mpp, colors=colors,
+                   tissue_outline=store.read_array("tissue/mask") == 1,
+                   polygons_um=[(np.asarray(o["polygon_um"]), tuple(o["color"]))
+                                for o in objects])
+    return {"mask": {k: v for k, v in mask.items() if k != "path"}, "geojson_features": n,
+            "files": ["report.json", "mask.ome.tif", "objects.geojson", "overlay.png"]}
+
+
+def _stain_fit(results: dict[str, Any]) -> stain_mod.StainFit:
+    return stain_mod.StainFit.from_dict(results["stain"]["fit"])
+
+
+_STAGE_PARAMS = {"tissue": _tissue_params, "stain": _stain_params, "pyramid": _pyramid_params,
+                 "infer": _infer_params, "stitch": _stitch_params,
+                 "measure": _measure_params, "export": _export_params}
+_STAGE_RUN = {"tissue": _run_tissue, "stain": _run_stain, "pyramid": _run_pyramid,
+              "infer": _run_infer, "stitch": _run_stitch, "measure": _run_measure,
+              "export": _run_export}
+
+
+def _progress_bar(opts: RunOptions, total: int, desc: str, unit: str = "block") -> Any:
     if not opts.show_progress:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="block", leave=False, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)
 
 
 # -- outputs ---------------------------------------------------------------------------------
 def build_report(slide: Slide, task: TaskSpec, slide_id: str, opts: RunOptions,
                  results: dict[str, Any], timings: dict[str, Any],
-                 fingerprint: dict[str, Any]) -> dict[str, Any]:
-    """report.json: DESIGN.md's shared keys plus slide, quality and provenance.
+                 fingerprint: dict[str, Any], model: dict[str, Any] | None = None
+                 ) -> dict[str, Any]:
+    """report.json: DESIGN.md's shared keys plus slide, objects, quality and provenance.
 
-    Until a model stage has run, ``diagnosis.label`` is null and ``complete`` is false, so
-    a pyramid-only report cannot be mistaken for a finished analysis.
+    Until the measure stage has run, ``diagnosis.label`` is null and ``complete`` is
+    false, so a partial report cannot be mistaken for a finished analysis.
     """
     tissue = results.get("tissue", {})
     stain = results.get("stain")
     w, h = slide.dimensions
-    return {
+    report = {
         "task": task.name,
         "complete": False,
         "stages_completed": list(results),
@@ -265,6 +415,39 @@ def build_report(slide: Slide, task: TaskSpec, slide_id: str, opts: RunOptions,
             "python": sys.version.split()[0], "platform": platform.platform(),
         },
     }
+    if model is not None:
+        report["provenance"]["model"] = _model_provenance(model)
+    measured = results.get("measure")
+    if measured is None:
+        return report
+    report["complete"] = "export" in results or opts.until == "measure"
+    report["diagnosis"] = measured["diagnosis"]
+    if model is not None and model.get("demo"):
+        report["diagnosis"]["note"] += ("; made with the bundled DEMO weights (trained on "
+                                        "synthetic slides), not for clinical use")
+    report["scores"] = measured["scores"]
+    report["counts"] = {**report["counts"], **measured["counts"]}
+    report["areas_mm2"] = {**report["areas_mm2"], **measured["areas_mm2"],
+                           "tissue_mask": report["areas_mm2"]["tissue"]}
+    report["areas_mm2"]["tissue"] = measured["areas_mm2"].get("tissue",
+                                                              report["areas_mm2"]["tissue"])
+    report["quality"]["adequate"] = measured["diagnosis"].get("adequate")
+    report["objects"] = [
+        {"id": i, "class": o["kind"], "centroid_um": o["centroid_um"], **o["measurements"]}
+        for i, o in enumerate(measured["objects"])]
+    report["inference"] = results.get("infer")
+    report["outputs"] = (results.get("export") or {}).get("files")
+    return report
+
+
+def _model_provenance(meta: dict[str, Any]) -> dict[str, Any]:
+    keys = ("architecture", "arch_kwargs", "task", "classes", "levels", "mpp", "tile_px",
+            "stain_reference", "sha256", "parameters", "demo", "description", "metrics",
+            "training", "path")
+    out = {k: meta[k] for k in keys if k in meta}
+    if meta.get("demo"):
+        out["note"] = "bundled demo weights, trained on synthetic slides: not for diagnosis"
+    return out
 
 
 def write_overlay(store: SlideStore, path: Path) -> None:
