@@ -17,7 +17,10 @@ from wsi_pipeline.tissue import dice
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main([*map(str, argv), "--quiet"])
+    """wsi-run, quiet, up to the pyramid unless the call names another --until."""
+    argv = tuple(map(str, argv))
+    until = () if "--until" in argv else ("--until", "pyramid")
+    code = main([*argv, "--quiet", *until])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -36,7 +39,8 @@ def fls_run(fls_slide, tmp_path_factory):
     """One finished `--until pyramid` run on the small synthetic FLS slide."""
     path, _ = fls_slide
     out = tmp_path_factory.mktemp("run")
-    assert main([str(path), "--task", "fls", "--out", str(out), "--quiet"]) == 0
+    assert main([str(path), "--task", "fls", "--out", str(out), "--quiet",
+                 "--until", "pyramid"]) == 0
     return out / path.stem
 
 

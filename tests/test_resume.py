@@ -24,7 +24,8 @@ def medium_slide(tmp_path_factory):
 
 
 def wsi_run(*args: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "wsi_pipeline.cli", *args, "--quiet", "--workers", "1"]
+    cmd = [sys.executable, "-m", "wsi_pipeline.cli", *args, "--quiet", "--workers", "1",
+           "--until", "pyramid"]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
