@@ -294,12 +294,20 @@ def _run_infer(ctx: dict[str, Any], results: dict[str, Any], inputs: str) -> dic
             network, store, "prob", windows, size_px=task.tile_px, overlap_px=spec.overlap_px,
             context=task.context, level0_hw=level0_hw, out_downsample=spec.out_downsample,
             options=EngineOptions(device=device, batch_size=opts.batch_size,
-                                  workers=opts.workers),
+                                  workers=_loader_workers(opts.workers, device)),
             inputs=inputs, attrs={"mpp": task.pred_mpp, "classes": list(spec.classes)},
             progress=bar.update if bar else None)
     finally:
         if bar:
             bar.close()
+
+
+def _loader_workers(workers: int, device: str) -> int:
+    """DataLoader processes: on a CPU-only machine with <= 2 cores the model needs them
+    all, and reading in-process measured faster (engine/bare 0.85 vs 0.57 with 2 workers)."""
+    import os
+
+    return 0 if device == "cpu" and (os.cpu_count() or 1) <= 2 else workers
 
 
 def _stitch_params(ctx: dict[str, Any]) -> dict[str, Any]:
