@@ -433,7 +433,8 @@ def write_overlay(path: Path, thumbnail: np.ndarray, thumb_mpp: float, *,
     """Write ``thumbnail`` ((h, w, 3) uint8 at ``thumb_mpp`` µm/px) as a PNG with, in order:
 
     - the (H, W) class map ``labels`` at ``label_mpp`` blended with ``colors`` (default
-      `class_colors`) at opacity ``alpha``; class 0 stays transparent. Each thumbnail pixel
+      `class_colors`; when given, only the classes it names) at opacity ``alpha``; class 0
+      stays transparent. Each thumbnail pixel
       takes the class at its centre (nearest neighbour), gathered chunk by chunk from the
       zarr array; chunks holding no thumbnail pixel centre are never read.
     - the outline of ``tissue_outline`` ((h, w) bool) in green, 2 px wide;
@@ -456,8 +457,8 @@ def write_overlay(path: Path, thumbnail: np.ndarray, thumb_mpp: float, *,
             raise UsageError(f"{path.name}: label_mpp is required with labels")
         grid = sample_labels(labels, label_mpp, thumbnail.shape[:2], thumb_mpp)
         for value in np.unique(grid):
-            if value == 0:
-                continue
+            if value == 0 or (colors is not None and int(value) not in colors):
+                continue   # given colours name the classes to draw; the rest stay clear
             colour = np.array((colors or {}).get(int(value), _class_color(int(value))),
                               np.float32)
             where = grid == value
