@@ -20,10 +20,14 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from scipy.optimize import linear_sum_assignment
 
 from wsi_pipeline import stain
-from wsi_pipeline.nuclei import detect_lymphocytes, detect_lymphocytes_in_region, find_aggregates
+from wsi_pipeline.nuclei import (
+    detect_lymphocytes,
+    detect_lymphocytes_in_region,
+    find_aggregates,
+    match_points,
+)
 from wsi_pipeline.slide import open_slide
 from wsi_pipeline.synth import truth_paths, write_slide
 
@@ -45,17 +49,6 @@ def fit_stain(slide) -> stain.StainFit:
     return stain.fit_vahadane(np.concatenate(pixels))
 
 
-def match(found: np.ndarray, true: np.ndarray, tol: float = 3.0) -> np.ndarray:
-    """One-to-one pairs within tol (Hungarian on distances): (K, 2) indices."""
-    if not len(found) or not len(true):
-        return np.zeros((0, 2), np.intp)
-    d = np.hypot(*(found[:, None, :] - true[None, :, :]).transpose(2, 0, 1))
-    cost = np.where(d <= tol, d, 1e6)
-    rows, cols = linear_sum_assignment(cost)
-    ok = cost[rows, cols] <= tol
-    return np.stack([rows[ok], cols[ok]], axis=1)
-
-
 def accuracy(folder: Path, seed: int, label: str, width: int, height: int) -> list:
     path = folder / f"fls_{seed}.svs"
     write_slide("fls", path, width=width, height=height, mpp=MPP, seed=seed, label=label)
@@ -70,7 +63,7 @@ def accuracy(folder: Path, seed: int, label: str, width: int, height: int) -> li
     group_store = zarr.open_group(str(zarr_path), mode="r")
     true_xy = np.asarray(group_store["lymphocytes"][:])
     group = np.asarray(group_store["lymphocyte_group"][:])
-    pairs = match(found, true_xy)
+    pairs = match_points(found, true_xy)
     objects = truth["objects"]
     in_focus = np.array([g >= 0 and objects[g]["type"] == "focus" for g in group], bool)
     recall_foci = (np.isin(np.flatnonzero(in_focus), pairs[:, 1]).mean()

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import zarr
 from conftest import shared
-from scipy.optimize import linear_sum_assignment
 from skimage.measure import points_in_poly
 
 from wsi_pipeline import stain
@@ -25,6 +24,7 @@ from wsi_pipeline.nuclei import (
     detect_lymphocytes_in_region,
     find_aggregates,
     haematoxylin,
+    match_points,
 )
 from wsi_pipeline.slide import open_slide
 from wsi_pipeline.synth import truth_paths, write_slide
@@ -51,14 +51,7 @@ def _truth(path) -> tuple[dict, np.ndarray, np.ndarray]:
 
 
 def _match(found: np.ndarray, true: np.ndarray, tol: float = MATCH_UM) -> np.ndarray:
-    """One-to-one matching (Hungarian, distance cost) within tol: (K, 2) index pairs."""
-    if not len(found) or not len(true):
-        return np.zeros((0, 2), np.intp)
-    d = np.hypot(*(found[:, None, :] - true[None, :, :]).transpose(2, 0, 1))
-    cost = np.where(d <= tol, d, 1e6)
-    rows, cols = linear_sum_assignment(cost)
-    ok = cost[rows, cols] <= tol
-    return np.stack([rows[ok], cols[ok]], axis=1)
+    return match_points(found, true, tol)
 
 
 @pytest.fixture(scope="module")

@@ -50,6 +50,7 @@ __all__ = [
     "detection_context_um",
     "find_aggregates",
     "haematoxylin",
+    "match_points",
 ]
 
 _SQRT2 = math.sqrt(2.0)
@@ -550,3 +551,22 @@ def find_aggregates(
         idx = np.flatnonzero(labels == k)
         out.append({"points": idx, "count": int(len(idx)), **_outline(pts[idx], params, mpp)})
     return out
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def match_points(found_um: np.ndarray, true_um: np.ndarray, tol_um: float = 3.0
+                 ) -> np.ndarray:
+    """One-to-one matching of detected to annotated centres ((N, 2), (M, 2) um) within
+    ``tol_um``, minimising the summed distance (Hungarian): (K, 2) index pairs
+    (found, true). Precision = K / N, recall = K / M."""
+    from scipy.optimize import linear_sum_assignment
+
+    if not len(found_um) or not len(true_um):
+        return np.zeros((0, 2), np.intp)
+    d = np.hypot(*(found_um[:, None, :] - true_um[None, :, :]).transpose(2, 0, 1))
+    cost = np.where(d <= tol_um, d, 1e6)
+    rows, cols = linear_sum_assignment(cost)
+    ok = cost[rows, cols] <= tol_um
+    return np.stack([rows[ok], cols[ok]], axis=1)
