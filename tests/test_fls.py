@@ -157,6 +157,8 @@ def test_rerun_reuses_every_stage(cohort, network, tmp_path):
     timings = again["pos"]["provenance"]["stage_timings"]
     assert all(t["reused"] for s, t in timings.items() if s != "open")
     assert again["pos"]["counts"] == reports["pos"]["counts"]
+    for name in ("mask.ome.tif", "objects.geojson", "overlay.png"):   # reused, not lost
+        assert (out / "pos" / name).exists(), name
 
 
 def test_checkpoint_for_another_task_is_refused_by_name(cohort, tmp_path, capsys):

@@ -104,7 +104,8 @@ def _run_stages(slide: Slide, path: str | Path, task: TaskSpec, slide_id: str,
     out_dir = opts.out / slide_id
     if opts.force:
         shutil.rmtree(out_dir / "store.zarr", ignore_errors=True)
-    for stale in OUTPUT_FILES:  # never left to describe an older run
+    # never left to describe an older run; a reused export stage keeps its files
+    for stale in ("report.json",) if opts.until == "export" else OUTPUT_FILES:
         (out_dir / stale).unlink(missing_ok=True)
     store = SlideStore(out_dir / "store.zarr")
     fingerprint = file_fingerprint(path)
@@ -122,6 +123,8 @@ def _run_stages(slide: Slide, path: str | Path, task: TaskSpec, slide_id: str,
         if entry is None:
             # this stage and those after it are about to change: their entries go first
             store.invalidate(*STAGES[STAGES.index(stage):])
+            for stale in EXPORT_FILES:
+                (out_dir / stale).unlink(missing_ok=True)
             t0 = time.perf_counter()
             log({"slide": slide_id, "stage": stage, "status": "started"})
             result = _STAGE_RUN[stage](ctx, results, inputs)
@@ -143,7 +146,8 @@ def _run_stages(slide: Slide, path: str | Path, task: TaskSpec, slide_id: str,
     return report
 
 
-OUTPUT_FILES = ("report.json", "overlay.png", "mask.ome.tif", "objects.geojson")
+EXPORT_FILES = ("overlay.png", "mask.ome.tif", "objects.geojson")
+OUTPUT_FILES = ("report.json", *EXPORT_FILES)
 
 
 def _write_outputs(store: SlideStore, out_dir: Path, report: dict[str, Any]) -> None:
