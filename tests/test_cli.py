@@ -12,7 +12,8 @@ import pytest
 import zarr
 from conftest import shared, write_generic_tiff
 
-from wsi_pipeline.cli import main, unique_ids
+from wsi_pipeline.batch import unique_ids
+from wsi_pipeline.cli import main
 from wsi_pipeline.tissue import dice
 
 

@@ -12,18 +12,16 @@ print one line, no traceback.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import NoSlidesFound, OutputNotWritable, SlideNotFound, UsageError, WsiError
-from .run import STAGES, RunOptions, resolve_device, run_slide
-from .slide import PLAUSIBLE_MPP, find_slides, is_url
-from .store import atomic_write_bytes, prepare_output
+from .batch import Job, expand_inputs, format_pairs, run_job, summary_text, write_summary
+from .errors import OutputNotWritable, UsageError, WsiError
+from .run import STAGES, RunOptions, resolve_device
+from .slide import PLAUSIBLE_MPP
+from .store import prepare_output
 from .tasks import TASK_NAMES, get_task
 
 PROG = "wsi-run"
@@ -36,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo", action="store_true",
                    help="run on the bundled demo slide of the task (synthesised on first "
                         "use into ~/.cache/wsi_pipeline)")
-    p.add_argument("--task", required=True, choices=TASK_NAMES, help="analysis to run")
+    p.add_argument("--task", choices=TASK_NAMES, help="analysis to run (required)")
     p.add_argument("--out", default="wsi-out", type=Path, help="output folder (default ./wsi-out)")
     p.add_argument("--until", default=STAGES[-1], choices=STAGES,
                    help=f"last stage to run (default {STAGES[-1]})")
@@ -56,6 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2,
                    help="parallel tile workers and data-loader processes (default 2)")
     p.add_argument("--recursive", action="store_true", help="descend into sub-folders")
+    p.add_argument("--lock-wait", type=float, default=0.0, metavar="SECONDS",
+                   help="wait this long for a slide another wsi-run is writing (default 0: "
+                        "skip it and say so)")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="run the slides on a dask distributed cluster (tcp://host:8786); "
+                        "default: here, one slide after another")
+    p.add_argument("--config", type=Path, metavar="FILE",
+                   help="TOML file of option defaults (keys named like the long options)")
     p.add_argument("--force", action="store_true", help="recompute finished stages")
     p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
     return p
@@ -63,12 +69,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)  # exits 2 with argparse's own message
+    parser = build_parser()
     try:
+        apply_config(parser, argv)
+    except WsiError as exc:
+        return _fail(exc)
+    args = parser.parse_args(argv)  # exits 2 with argparse's own message
+    try:
+        if args.task is None:
+            raise UsageError("--task is required (or task = \"...\" in --config)")
         if args.workers < 1:
             raise UsageError("--workers must be at least 1")
         if args.batch_size < 1:
             raise UsageError("--batch-size must be at least 1")
+        if args.lock_wait < 0:
+            raise UsageError("--lock-wait must be 0 or more seconds")
         if args.weights is not None and args.model == "classical":
             raise UsageError("--weights and --model classical exclude each other")
         if args.weights is not None and not args.weights.exists():
@@ -76,71 +91,110 @@ def main(argv: list[str] | None = None) -> int:
         if args.mpp is not None and not PLAUSIBLE_MPP[0] <= args.mpp <= PLAUSIBLE_MPP[1]:
             raise UsageError(f"--mpp {args.mpp} is outside {PLAUSIBLE_MPP[0]}-"
                              f"{PLAUSIBLE_MPP[1]} um/px")
-        if args.device == "cuda":
+        if args.device == "cuda" and args.scheduler is None:
             resolve_device("cuda")  # fails here, once, rather than on every slide
         task = get_task(args.task)
         if not args.paths and not args.demo:
-            raise UsageError("give at least one PATH (slide, folder or URL), or --demo")
+            raise UsageError("give at least one PATH (slide, folder, pattern, CSV list or "
+                             "URL), or --demo")
         if args.demo:
             args.paths = [*args.paths, str(demo_slide(task.name))]
         out = prepare_output(args.out)
     except WsiError as exc:
         return _fail(exc)
 
-    interactive = sys.stderr.isatty() and not args.quiet
-    opts = RunOptions(out=out, until=args.until, mpp=args.mpp, backend=args.backend,
+    interactive = sys.stderr.isatty() and not args.quiet and args.scheduler is None
+    opts = RunOptions(out=out.resolve(), until=args.until, mpp=args.mpp, backend=args.backend,
                       stain_backend=args.stain_backend, device=args.device,
-                      workers=args.workers, batch_size=args.batch_size, weights=args.weights,
+                      workers=args.workers, batch_size=args.batch_size,
+                      weights=args.weights.resolve() if args.weights else None,
                       model=args.model, force=args.force, show_progress=interactive,
                       argv=tuple(argv))
     log = None if (args.quiet or interactive) else _log_line
-
-    inputs = expand_inputs(args.paths, task.input_kind, args.recursive)
-    rows: list[dict[str, Any]] = []
+    jobs = expand_inputs(args.paths, task.input_kind, args.recursive)
     say = print
-    if interactive and len(inputs) > 1:
-        from tqdm import tqdm
+    rows: list[dict[str, Any]] = []
 
-        inputs = tqdm(inputs, desc="slides", unit="slide", dynamic_ncols=True)
-        say = tqdm.write
-    for slide_id, path, error in inputs:
-        row = {"slide_id": slide_id, "path": str(path), "task": task.name, "status": "ok",
-               "diagnosis": "", "adequate": "", "scores": "", "counts": "", "tissue_mm2": "",
-               "tiles": "", "error": ""}
-        try:
-            if error is not None:
-                raise error
-            report = run_slide(path, task, slide_id, opts, log=log)
-            row.update(status="ok" if report["complete"] else f"ok (until {opts.until})",
-                       diagnosis=report["diagnosis"]["label"] or "",
-                       adequate=_blank(report["diagnosis"].get("adequate")),
-                       scores=_pairs(report["scores"]),
-                       counts=_pairs({k: v for k, v in report["counts"].items()
-                                      if k != "tissue_tiles"}),
-                       tissue_mm2=report["areas_mm2"]["tissue"],
-                       tiles=report["counts"]["tissue_tiles"])
-            if not args.quiet:
-                say(_describe(slide_id, report, out / slide_id))
-        except WsiError as exc:
-            row.update(status="failed", error=str(exc))
-            _fail(exc)
-        except OSError as exc:  # disk full, permissions, a file vanishing mid-run
-            error = OutputNotWritable(f"{path}: I/O error: {exc}")
-            row.update(status="failed", error=str(error))
-            _fail(error)
-        except KeyboardInterrupt:
-            print(f"{PROG}: interrupted; finished stages are kept, rerun to resume",
-                  file=sys.stderr)
-            rows.append(row | {"status": "interrupted"})
-            write_summary(out, rows)
-            return 130
+    def finished(row: dict[str, Any]) -> None:
         rows.append(row)
+        if row["status"] in ("failed", "locked"):
+            print(f"{PROG}: {'error' if row['status'] == 'failed' else 'skipped'}: "
+                  f"{row['error']}", file=sys.stderr)
+        elif not args.quiet and "_report" in row:
+            say(_describe(row["slide_id"], row["_report"], out / row["slide_id"]))
+        write_summary(out, rows)  # kept current: a killed batch still says what finished
+
+    try:
+        if args.scheduler is not None:
+            from .distributed import run_on_cluster
+
+            run_on_cluster(jobs, task.name, opts, args.scheduler, on_row=finished,
+                           lock_wait_s=args.lock_wait, log=log)
+        else:
+            todo = jobs
+            if interactive and len(jobs) > 1:
+                from tqdm import tqdm
+
+                todo = tqdm(jobs, desc="slides", unit="slide", dynamic_ncols=True)
+                say = tqdm.write
+            for job in todo:
+                finished(run_job(job, task.name, opts, log=log, lock_wait_s=args.lock_wait,
+                                 say=say))
+    except KeyboardInterrupt:
+        done = {r["slide_id"] for r in rows}
+        rows.extend(_not_run(j, task.name, "interrupted") for j in jobs
+                    if j.slide_id not in done)
+        write_summary(out, rows)
+        print(f"{PROG}: interrupted; finished stages are kept, rerun the same command to "
+              "resume", file=sys.stderr)
+        return 130
+    except WsiError as exc:  # the cluster itself: unreachable scheduler, lost workers
+        return _fail(exc)
     write_summary(out, rows)
-    failed = [r for r in rows if r["status"] == "failed"]
-    if failed and len(rows) > 1:
-        print(f"{PROG}: {len(failed)} of {len(rows)} inputs failed; see {out / 'summary.csv'}",
-              file=sys.stderr)
-    return 1 if failed else 0
+    if not args.quiet and len(rows) > 1:
+        print(summary_text(rows))
+    bad = [r for r in rows if r["status"] in ("failed", "locked")]
+    if bad and len(rows) > 1:
+        print(f"{PROG}: {len(bad)} of {len(rows)} inputs did not finish; see "
+              f"{out / 'summary.csv'}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def _not_run(job: Job, task: str, status: str) -> dict[str, Any]:
+    return {"slide_id": job.slide_id, "path": job.path, "task": task, "status": status}
+
+
+def apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """``--config FILE`` (TOML): its keys, named like the long options (``batch_size`` or
+    ``batch-size``), become defaults that the command line still overrides."""
+    import tomllib
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", type=Path)
+    known, _ = pre.parse_known_args(argv)
+    if known.config is None:
+        return
+    try:
+        values = tomllib.loads(known.config.read_text())
+    except OSError as exc:
+        raise UsageError(f"--config {known.config}: cannot read ({exc.strerror or exc})"
+                         ) from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--config {known.config}: not valid TOML ({exc})") from exc
+    dests = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    defaults = {}
+    for key, value in values.items():
+        dest = key.replace("-", "_")
+        if dest not in dests:
+            raise UsageError(f"--config {known.config}: unknown option {key!r}")
+        action = dests[dest]
+        if action.choices is not None and value not in action.choices:
+            raise UsageError(f"--config {known.config}: {key} = {value!r} is not one of "
+                             f"{', '.join(map(str, action.choices))}")
+        if action.type is not None and value is not None and not isinstance(value, list):
+            value = action.type(value)
+        defaults[dest] = value
+    parser.set_defaults(**defaults)
 
 
 DEMO_SLIDES = {"fls": {"label": "positive", "seed": 1, "width": 12000, "height": 9000}}
@@ -178,81 +232,6 @@ def demo_slide(task: str) -> Path:
     return path
 
 
-def expand_inputs(paths: list[str], input_kind: str, recursive: bool
-                  ) -> list[tuple[str, str | Path, WsiError | None]]:
-    """(slide_id, path, error) for every input; a bad PATH becomes an error entry so the
-    batch goes on with the others."""
-    found: list[tuple[str, str | Path, WsiError | None]] = []  # (name, path, error)
-    for raw in paths:
-        if is_url(raw):
-            found.append((_stem(raw), raw, None))
-            continue
-        p = Path(raw)
-        if not p.exists():
-            found.append((p.name, p, SlideNotFound(f"{p}: no such file or folder")))
-        elif p.is_dir() and input_kind == "case" and (p / "om").is_dir():
-            slides = find_slides(p / "om")  # a case is named after its folder
-            found.append((p.name, slides[0], None) if slides else
-                         (p.name, p, NoSlidesFound(f"{p}: case folder has no slide in om/")))
-        elif p.is_dir():
-            slides = find_slides(p, recursive)
-            if not slides:
-                found.append((p.name, p, NoSlidesFound(
-                    f"{p}: folder holds no slide files"
-                    + ("" if recursive else " (use --recursive for sub-folders)"))))
-            found.extend((_stem(s), s, None) for s in slides)
-        else:
-            found.append((_stem(p), p, None))
-    ids = unique_ids([name for name, _, _ in found])
-    return [(i, p, e) for i, (_, p, e) in zip(ids, found, strict=True)]
-
-
-def _stem(path: str | Path) -> str:
-    name = str(path).rstrip("/").split("/")[-1].split("?")[0]
-    return name.rsplit(".", 1)[0] if "." in name else name
-
-
-def safe_id(name: str) -> str:
-    """A file-system-safe slide id: letters, digits, '.', '_' and '-' only, no leading dot."""
-    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "slide"
-    return cleaned[:120]
-
-
-def unique_ids(names: list[str]) -> list[str]:
-    """Safe ids, with ``-2``, ``-3``... appended to repeats; unique even on a
-    case-insensitive file system."""
-    taken: set[str] = set()
-    out = []
-    for name in names:
-        base = candidate = safe_id(name)
-        n = 1
-        while candidate.casefold() in taken:
-            n += 1
-            candidate = f"{base}-{n}"
-        taken.add(candidate.casefold())
-        out.append(candidate)
-    return out
-
-
-def write_summary(out: Path, rows: list[dict[str, Any]]) -> None:
-    """summary.csv: one row per input with its status and, for failures, the reason."""
-    buf = io.StringIO()
-    fields = ["slide_id", "path", "task", "status", "diagnosis", "adequate", "scores", "counts",
-              "tissue_mm2", "tiles", "error"]
-    writer = csv.DictWriter(buf, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_bytes(out / "summary.csv", buf.getvalue().encode())
-
-
-def _pairs(values: dict[str, Any]) -> str:
-    return "; ".join(f"{k}={v}" for k, v in values.items() if v is not None)
-
-
-def _blank(value: Any) -> Any:
-    return "" if value is None else value
-
-
 def _describe(slide_id: str, report: dict[str, Any], folder: Path) -> str:
     """A few lines for the terminal: diagnosis, scores, counts and the files written."""
     diagnosis = report["diagnosis"]
@@ -263,9 +242,9 @@ def _describe(slide_id: str, report: dict[str, Any], folder: Path) -> str:
     lines = [f"{slide_id}: {report['task']} diagnosis: {diagnosis['label']}"
              f" ({diagnosis.get('note', '')})"]
     if report["scores"]:
-        lines.append(f"  scores: {_pairs(report['scores'])}")
-    lines.append(f"  counts: {_pairs({k: v for k, v in report['counts'].items()})}")
-    lines.append(f"  areas (mm2): {_pairs(report['areas_mm2'])}")
+        lines.append(f"  scores: {format_pairs(report['scores'])}")
+    lines.append(f"  counts: {format_pairs({k: v for k, v in report['counts'].items()})}")
+    lines.append(f"  areas (mm2): {format_pairs(report['areas_mm2'])}")
     files = [folder / name for name in report.get("outputs") or ["report.json"]]
     lines.append("  files: " + ", ".join(str(f) for f in files if f.exists()))
     return "\n".join(lines)

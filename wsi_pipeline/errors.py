@@ -55,3 +55,11 @@ class CheckpointError(WsiError):
 
 class StoreError(WsiError):
     """The per-slide zarr store is inconsistent with the current run and cannot be reused."""
+
+
+class SlideLocked(WsiError):
+    """Another live process is writing this slide's output folder."""
+
+
+class InputListError(WsiError):
+    """A CSV slide list or a --config file is malformed."""

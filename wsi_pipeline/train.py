@@ -201,7 +201,7 @@ def prepare_slides(paths: Sequence[Path], task: TaskSpec, work: Path, *, workers
     (reused when done before) and find its annotations."""
     import zarr
 
-    from .cli import unique_ids
+    from .batch import unique_ids
     from .run import RunOptions, run_slide
 
     ids = list(ids) if ids is not None else unique_ids([Path(p).stem for p in paths])
@@ -566,7 +566,7 @@ def _main(argv: list[str]) -> int:
                  "size_px": list(synth_size), "mpp": 0.5, "generator": "wsi-synth"}
         paths += made
     val_paths = expand_slides(args.val) if args.val else []
-    from .cli import unique_ids
+    from .batch import unique_ids
 
     ids = unique_ids([p.stem for p in [*paths, *val_paths]])
     slides = prepare_slides(paths + val_paths, task, work / "stores", workers=opts.workers,

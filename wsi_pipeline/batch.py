@@ -1,0 +1,233 @@
+"""Batches: from command-line PATHs to slide jobs, one job to one summary row, rows to
+``summary.csv``.
+
+A PATH is a slide, a folder (``recursive`` descends), a glob pattern (``slides/*.svs``,
+``**`` descends), a CSV list (a ``path`` column, optional ``mpp`` and ``slide_id``
+columns; relative paths are relative to the list) or a URL. A bad PATH becomes a failed
+job, so the batch goes on with the others.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import (
+    InputListError,
+    NoSlidesFound,
+    OutputNotWritable,
+    SlideNotFound,
+    WsiError,
+)
+from .lock import describe_holder, slide_lock
+from .run import RunOptions, run_slide
+from .slide import PLAUSIBLE_MPP, find_slides, is_url
+from .store import atomic_write_bytes
+from .tasks import get_task
+
+SUMMARY_FIELDS = ["slide_id", "path", "task", "status", "diagnosis", "adequate", "scores",
+                  "counts", "tissue_mm2", "tiles", "seconds", "error"]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One input of a batch: its output id, where to read it, an optional per-slide MPP
+    override, or the error that stops it before it starts."""
+
+    slide_id: str
+    path: str
+    mpp: float | None = None
+    error: WsiError | None = None
+
+
+# -- PATHs -> jobs ---------------------------------------------------------------------------
+def expand_inputs(paths: list[str], input_kind: str = "slide", recursive: bool = False
+                  ) -> list[Job]:
+    """Jobs for every input, in the order given, with unique file-system-safe ids."""
+    found: list[tuple[str, str, float | None, WsiError | None]] = []  # name, path, mpp, error
+    for raw in paths:
+        if is_url(raw):
+            found.append((_stem(raw), raw, None, None))
+            continue
+        p = Path(raw)
+        if not p.exists() and any(ch in raw for ch in "*?["):
+            matches = [Path(m) for m in sorted(glob.glob(raw, recursive=True))]
+            slides = [m for m in matches if m.is_file() and ".truth." not in m.name]
+            if not slides:
+                found.append((_stem(raw), raw, None,
+                              NoSlidesFound(f"{raw}: the pattern matches no slide files")))
+            found.extend((_stem(s), str(s), None, None) for s in slides)
+        elif not p.exists():
+            found.append((p.name, raw, None, SlideNotFound(f"{p}: no such file or folder")))
+        elif p.is_file() and p.suffix.lower() == ".csv":
+            found.extend(_read_list(p))
+        elif p.is_dir() and input_kind == "case" and (p / "om").is_dir():
+            slides = find_slides(p / "om")  # a case is named after its folder
+            found.append((p.name, str(slides[0]), None, None) if slides else
+                         (p.name, raw, None,
+                          NoSlidesFound(f"{p}: case folder has no slide in om/")))
+        elif p.is_dir():
+            slides = find_slides(p, recursive)
+            if not slides:
+                found.append((p.name, raw, None, NoSlidesFound(
+                    f"{p}: folder holds no slide files"
+                    + ("" if recursive else " (use --recursive for sub-folders)"))))
+            found.extend((_stem(s), str(s), None, None) for s in slides)
+        else:
+            found.append((_stem(p), raw, None, None))
+    ids = unique_ids([name for name, *_ in found])
+    return [Job(i, path, mpp, error) for i, (_, path, mpp, error) in zip(ids, found, strict=True)]
+
+
+def _read_list(csv_path: Path) -> list[tuple[str, str, float | None, WsiError | None]]:
+    """Rows of a CSV slide list: ``path`` (required), ``mpp`` and ``slide_id`` (optional)."""
+    try:
+        text = csv_path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        return [(csv_path.stem, str(csv_path), None,
+                 InputListError(f"{csv_path}: cannot read the slide list ({exc})"))]
+    reader = csv.DictReader(io.StringIO(text))
+    columns = [c.strip().lower() for c in reader.fieldnames or []]
+    if "path" not in columns:
+        return [(csv_path.stem, str(csv_path), None, InputListError(
+            f"{csv_path}: a slide list needs a 'path' column (found: "
+            f"{', '.join(columns) or 'nothing'})"))]
+    rows = []
+    for line, record in enumerate(reader, start=2):
+        record = {(k or "").strip().lower(): (v or "").strip() for k, v in record.items()}
+        raw = record.get("path", "")
+        if not raw:
+            continue
+        path = raw if is_url(raw) or Path(raw).is_absolute() else str(csv_path.parent / raw)
+        name = record.get("slide_id") or _stem(raw)
+        mpp, error = None, None
+        if record.get("mpp"):
+            try:
+                mpp = float(record["mpp"])
+                if not PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]:
+                    raise ValueError
+            except ValueError:
+                mpp, error = None, InputListError(
+                    f"{csv_path} line {line}: mpp {record['mpp']!r} is not a number in "
+                    f"{PLAUSIBLE_MPP[0]}-{PLAUSIBLE_MPP[1]} um/px")
+        if error is None and not is_url(path) and not Path(path).exists():
+            error = SlideNotFound(f"{path}: no such file (listed in {csv_path} line {line})")
+        rows.append((name, path, mpp, error))
+    if not rows:
+        return [(csv_path.stem, str(csv_path), None,
+                 NoSlidesFound(f"{csv_path}: the slide list has no rows"))]
+    return rows
+
+
+def _stem(path: str | Path) -> str:
+    name = str(path).rstrip("/").split("/")[-1].split("?")[0]
+    return name.rsplit(".", 1)[0] if "." in name else name
+
+
+def safe_id(name: str) -> str:
+    """A file-system-safe slide id: letters, digits, '.', '_' and '-' only, no leading dot
+    (so never '..' or a path separator: nothing is written outside ``--out``)."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "slide"
+    return cleaned[:120]
+
+
+def unique_ids(names: list[str]) -> list[str]:
+    """Safe ids, with ``-2``, ``-3``... appended to repeats; unique even on a
+    case-insensitive file system."""
+    taken: set[str] = set()
+    out = []
+    for name in names:
+        base = candidate = safe_id(name)
+        n = 1
+        while candidate.casefold() in taken:
+            n += 1
+            candidate = f"{base}-{n}"
+        taken.add(candidate.casefold())
+        out.append(candidate)
+    return out
+
+
+# -- one job -> one summary row --------------------------------------------------------------
+def run_job(job: Job, task_name: str, opts: RunOptions,
+            log: Callable[[dict[str, Any]], None] | None = None, lock_wait_s: float = 0.0,
+            say: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run one slide under its output lock and return its ``summary.csv`` row.
+
+    Expected failures become ``status="failed"`` rows with a one-line reason; a slide
+    another process holds becomes ``status="locked"``. ``KeyboardInterrupt`` propagates.
+    """
+    import time
+
+    task = get_task(task_name)
+    row: dict[str, Any] = {f: "" for f in SUMMARY_FIELDS}
+    row.update(slide_id=job.slide_id, path=job.path, task=task.name, status="ok")
+    started = time.perf_counter()
+    try:
+        if job.error is not None:
+            raise job.error
+        job_opts = opts if job.mpp is None else replace(opts, mpp=job.mpp)
+        with slide_lock(opts.out / job.slide_id, wait_s=lock_wait_s) as taken:
+            if taken.get("stale") and say:
+                say(f"{job.slide_id}: cleared a stale lock left by "
+                    f"{describe_holder(taken['stale'])} (that process is gone)")
+            report = run_slide(job.path, task, job.slide_id, job_opts, log=log)
+        row.update(status="ok" if report["complete"] else f"ok (until {opts.until})",
+                   diagnosis=report["diagnosis"]["label"] or "",
+                   adequate=_blank(report["diagnosis"].get("adequate")),
+                   scores=format_pairs(report["scores"]),
+                   counts=format_pairs({k: v for k, v in report["counts"].items()
+                                  if k != "tissue_tiles"}),
+                   tissue_mm2=report["areas_mm2"]["tissue"],
+                   tiles=report["counts"]["tissue_tiles"])
+        row["_report"] = report
+    except WsiError as exc:
+        from .errors import SlideLocked
+
+        row.update(status="locked" if isinstance(exc, SlideLocked) else "failed",
+                   error=str(exc))
+    except OSError as exc:  # disk full, permissions, a file vanishing mid-run
+        row.update(status="failed",
+                   error=str(OutputNotWritable(f"{job.path}: I/O error: {exc}")))
+    row["seconds"] = round(time.perf_counter() - started, 1)
+    return row
+
+
+# -- rows -> summary.csv and a few lines for the terminal -------------------------------------
+def write_summary(out: Path, rows: list[dict[str, Any]]) -> None:
+    """summary.csv: one row per input with its status and, for failures, the reason."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(out / "summary.csv", buf.getvalue().encode())
+
+
+def summary_text(rows: list[dict[str, Any]]) -> str:
+    """A short table: one line per slide with status, diagnosis and key counts."""
+    statuses: dict[str, int] = {}
+    for r in rows:
+        key = r["status"].split(" ")[0]
+        statuses[key] = statuses.get(key, 0) + 1
+    head = (f"{len(rows)} input{'s' if len(rows) != 1 else ''}: "
+            + ", ".join(f"{n} {s}" for s, n in statuses.items()))
+    width = max([len(r["slide_id"]) for r in rows] + [8])
+    lines = [head]
+    for r in rows:
+        detail = r["error"] if r["error"] else "; ".join(
+            v for v in (r["diagnosis"], r["scores"], r["counts"]) if v)
+        lines.append(f"  {r['slide_id']:<{width}}  {r['status']:<8}  {detail}")
+    return "\n".join(lines)
+
+
+def format_pairs(values: dict[str, Any]) -> str:
+    return "; ".join(f"{k}={v}" for k, v in values.items() if v is not None)
+
+
+def _blank(value: Any) -> Any:
+    return "" if value is None else value
