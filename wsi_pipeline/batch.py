@@ -199,13 +199,36 @@ def run_job(job: Job, task_name: str, opts: RunOptions,
 
 
 # -- rows -> summary.csv and a few lines for the terminal -------------------------------------
+GAP_ONLY = ("locked", "not run")  # statuses that never replace a row another run wrote
+
+
 def write_summary(out: Path, rows: list[dict[str, Any]]) -> None:
-    """summary.csv: one row per input with its status and, for failures, the reason."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_bytes(out / "summary.csv", buf.getvalue().encode())
+    """Merge ``rows`` into ``OUT/summary.csv``: one row per slide id that any run into this
+    folder has seen, updated by this run's rows.
+
+    Several ``wsi-run`` processes may share an output folder (two terminals, a SLURM
+    array): a lock serialises their read-merge-write, and a row that only says a slide was
+    locked or not run never replaces what another run recorded for it.
+    """
+    import fcntl
+
+    path = out / "summary.csv"
+    with open(out / ".summary.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        merged: dict[str, dict[str, Any]] = {}
+        if path.exists():
+            with open(path, newline="", encoding="utf-8") as f:
+                merged = {r["slide_id"]: r for r in csv.DictReader(f) if r.get("slide_id")}
+        for row in rows:
+            if row["status"] in GAP_ONLY and row["slide_id"] in merged:
+                continue
+            merged[row["slide_id"]] = row
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS, extrasaction="ignore",
+                                restval="")
+        writer.writeheader()
+        writer.writerows(merged.values())
+        atomic_write_bytes(path, buf.getvalue().encode())
 
 
 def summary_text(rows: list[dict[str, Any]]) -> str:

@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = expand_inputs(args.paths, task.input_kind, args.recursive)
     say = print
     rows: list[dict[str, Any]] = []
+    current = None  # the slide in progress when Ctrl-C comes
 
     def finished(row: dict[str, Any]) -> None:
         rows.append(row)
@@ -138,13 +139,14 @@ def main(argv: list[str] | None = None) -> int:
                 todo = tqdm(jobs, desc="slides", unit="slide", dynamic_ncols=True)
                 say = tqdm.write
             for job in todo:
+                current = job.slide_id
                 finished(run_job(job, task.name, opts, log=log, lock_wait_s=args.lock_wait,
                                  say=say))
     except KeyboardInterrupt:
         done = {r["slide_id"] for r in rows}
-        rows.extend(_not_run(j, task.name, "interrupted") for j in jobs
-                    if j.slide_id not in done)
-        write_summary(out, rows)
+        write_summary(out, [*rows, *(_not_run(j, task.name, "interrupted" if
+                                              j.slide_id == current else "not run")
+                                     for j in jobs if j.slide_id not in done)])
         print(f"{PROG}: interrupted; finished stages are kept, rerun the same command to "
               "resume", file=sys.stderr)
         return 130
