@@ -75,9 +75,9 @@ def file_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
 
     Cheap on gigapixel files, and changes when the file is replaced or truncated.
     """
+    if "://" in str(path):
+        return _remote_fingerprint(str(path))
     p = Path(path)
-    if not p.exists():  # URLs: the address stands for the content
-        return {"path": str(path)}
     st = p.stat()
     h = hashlib.sha256()
     with p.open("rb") as f:
@@ -86,6 +86,20 @@ def file_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
             f.seek(-(1 << 20), os.SEEK_END)
             h.update(f.read(1 << 20))
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256_ends": h.hexdigest()[:16]}
+
+
+def _remote_fingerprint(url: str) -> dict[str, Any]:
+    """A URL's identity from its server: size plus ETag / modification time where the
+    file system reports them (HTTP headers, S3 object metadata)."""
+    import fsspec
+
+    try:
+        fs, where = fsspec.core.url_to_fs(url)
+        info = fs.info(where)
+    except Exception:  # the slide opened a moment ago; fingerprint what can be seen
+        return {"url": url}
+    keep = ("size", "ETag", "etag", "Last-Modified", "LastModified", "mtime", "created")
+    return {"url": url, **{k: str(info[k]) for k in keep if info.get(k) is not None}}
 
 
 def prepare_output(out_dir: str | os.PathLike) -> Path:
