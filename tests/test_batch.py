@@ -210,3 +210,26 @@ def test_a_killed_run_leaves_a_stale_lock_the_next_run_clears(slides, tmp_path):
     assert rerun.returncode == 0, rerun.stderr
     assert f"cleared a stale lock left by pid {victim.pid}" in rerun.stdout
     assert read_summary(out)["b"]["status"] == "ok (until pyramid)"
+
+
+def test_sigterm_stops_cleanly_and_the_rerun_resumes(slides, tmp_path):
+    """SLURM's time limit and pre-emption send SIGTERM: same clean stop as Ctrl-C."""
+    out = tmp_path / "o"
+    cmd = [*WSI_RUN, str(slides / "a.svs"), str(slides / "b.svs"), "--task", "fls", "--out",
+           str(out), "--until", "pyramid", "--quiet", "--workers", "1"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    markers = out / "a" / "store.zarr" / ".progress" / "pyramid"
+    deadline = time.monotonic() + 120
+    while not (markers.is_dir() and any(markers.iterdir())) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "interrupted; finished stages are kept" in err and "Traceback" not in err
+    rows = read_summary(out)
+    assert (rows["a"]["status"], rows["b"]["status"]) == ("interrupted", "not run")
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    report = json.loads((out / "a" / "report.json").read_text())
+    assert report["provenance"]["stage_timings"]["stain"]["reused"] is True
+    assert {r["status"] for r in read_summary(out).values()} == {"ok (until pyramid)"}

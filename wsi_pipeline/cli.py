@@ -13,7 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -125,33 +129,34 @@ def main(argv: list[str] | None = None) -> int:
             say(_describe(row["slide_id"], row["_report"], out / row["slide_id"]))
         write_summary(out, rows)  # kept current: a killed batch still says what finished
 
-    try:
-        if args.scheduler is not None:
-            from .distributed import run_on_cluster
+    with _stop_on_sigterm() as stop_signal:
+        try:
+            if args.scheduler is not None:
+                from .distributed import run_on_cluster
 
-            run_on_cluster(jobs, task.name, opts, args.scheduler, on_row=finished,
-                           lock_wait_s=args.lock_wait, log=log)
-        else:
-            todo = jobs
-            if interactive and len(jobs) > 1:
-                from tqdm import tqdm
+                run_on_cluster(jobs, task.name, opts, args.scheduler, on_row=finished,
+                               lock_wait_s=args.lock_wait, log=log)
+            else:
+                todo = jobs
+                if interactive and len(jobs) > 1:
+                    from tqdm import tqdm
 
-                todo = tqdm(jobs, desc="slides", unit="slide", dynamic_ncols=True)
-                say = tqdm.write
-            for job in todo:
-                current = job.slide_id
-                finished(run_job(job, task.name, opts, log=log, lock_wait_s=args.lock_wait,
-                                 say=say))
-    except KeyboardInterrupt:
-        done = {r["slide_id"] for r in rows}
-        write_summary(out, [*rows, *(_not_run(j, task.name, "interrupted" if
-                                              j.slide_id == current else "not run")
-                                     for j in jobs if j.slide_id not in done)])
-        print(f"{PROG}: interrupted; finished stages are kept, rerun the same command to "
-              "resume", file=sys.stderr)
-        return 130
-    except WsiError as exc:  # the cluster itself: unreachable scheduler, lost workers
-        return _fail(exc)
+                    todo = tqdm(jobs, desc="slides", unit="slide", dynamic_ncols=True)
+                    say = tqdm.write
+                for job in todo:
+                    current = job.slide_id
+                    finished(run_job(job, task.name, opts, log=log, lock_wait_s=args.lock_wait,
+                                     say=say))
+        except KeyboardInterrupt:
+            done = {r["slide_id"] for r in rows}
+            write_summary(out, [*rows, *(_not_run(j, task.name, "interrupted" if
+                                                  j.slide_id == current else "not run")
+                                         for j in jobs if j.slide_id not in done)])
+            print(f"{PROG}: interrupted; finished stages are kept, rerun the same command to "
+                  "resume", file=sys.stderr)
+            return 128 + stop_signal.get("signum", signal.SIGINT)
+        except WsiError as exc:  # the cluster itself: unreachable scheduler, lost workers
+            return _fail(exc)
     write_summary(out, rows)
     if not args.quiet and len(rows) > 1:
         print(summary_text(rows))
@@ -160,6 +165,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: {len(bad)} of {len(rows)} inputs did not finish; see "
               f"{out / 'summary.csv'}", file=sys.stderr)
     return 1 if bad else 0
+
+
+@contextmanager
+def _stop_on_sigterm() -> Iterator[dict[str, int]]:
+    """While the block runs, SIGTERM (SLURM's time limit or pre-emption, ``kill``) stops
+    like Ctrl-C: the slide in progress keeps its finished stages, a rerun resumes it."""
+    received: dict[str, int] = {}
+
+    def stop(signum: int, _frame: Any) -> None:
+        received["signum"] = signum
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _not_run(job: Job, task: str, status: str) -> dict[str, Any]:
