@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import (
     InputListError,
@@ -26,10 +26,12 @@ from .errors import (
     WsiError,
 )
 from .lock import describe_holder, slide_lock
-from .run import RunOptions, run_slide
 from .slide import PLAUSIBLE_MPP, find_slides, is_url
 from .store import atomic_write_bytes
 from .tasks import get_task
+
+if TYPE_CHECKING:  # run.py pulls in torch: not needed to list slides or write summaries
+    from .run import RunOptions
 
 SUMMARY_FIELDS = ["slide_id", "path", "task", "status", "diagnosis", "adequate", "scores",
                   "counts", "tissue_mm2", "tiles", "seconds", "error"]
@@ -164,6 +166,8 @@ def run_job(job: Job, task_name: str, opts: RunOptions,
     """
     import time
 
+    from .run import run_slide
+
     task = get_task(task_name)
     row: dict[str, Any] = {f: "" for f in SUMMARY_FIELDS}
     row.update(slide_id=job.slide_id, path=job.path, task=task.name, status="ok")
@@ -177,15 +181,7 @@ def run_job(job: Job, task_name: str, opts: RunOptions,
                 say(f"{job.slide_id}: cleared a stale lock left by "
                     f"{describe_holder(taken['stale'])} (that process is gone)")
             report = run_slide(job.path, task, job.slide_id, job_opts, log=log)
-        row.update(status="ok" if report["complete"] else f"ok (until {opts.until})",
-                   diagnosis=report["diagnosis"]["label"] or "",
-                   adequate=_blank(report["diagnosis"].get("adequate")),
-                   scores=format_pairs(report["scores"]),
-                   counts=format_pairs({k: v for k, v in report["counts"].items()
-                                  if k != "tissue_tiles"}),
-                   tissue_mm2=report["areas_mm2"]["tissue"],
-                   tiles=report["counts"]["tissue_tiles"])
-        row["_report"] = report
+        row.update(report_row(report), path=job.path, _report=report)
     except WsiError as exc:
         from .errors import SlideLocked
 
@@ -195,6 +191,30 @@ def run_job(job: Job, task_name: str, opts: RunOptions,
         row.update(status="failed",
                    error=str(OutputNotWritable(f"{job.path}: I/O error: {exc}")))
     row["seconds"] = round(time.perf_counter() - started, 1)
+    return row
+
+
+def report_row(report: dict[str, Any]) -> dict[str, Any]:
+    """The ``summary.csv`` row of one ``report.json``.
+
+    ``seconds`` is the compute time of the slide's stages as the report records them
+    (stages reused from an earlier run count with the time they took then).
+    """
+    counts = report.get("counts") or {}
+    diagnosis = report.get("diagnosis") or {}
+    stages = report.get("stages_completed") or []
+    timings = (report.get("provenance") or {}).get("stage_timings") or {}
+    row: dict[str, Any] = {f: "" for f in SUMMARY_FIELDS}
+    row.update(
+        slide_id=report["slide"]["id"], path=report["slide"]["path"], task=report["task"],
+        status="ok" if report.get("complete") else
+        f"ok (until {stages[-1] if stages else '?'})",
+        diagnosis=diagnosis.get("label") or "", adequate=_blank(diagnosis.get("adequate")),
+        scores=format_pairs(report.get("scores") or {}),
+        counts=format_pairs({k: v for k, v in counts.items() if k != "tissue_tiles"}),
+        tissue_mm2=_blank((report.get("areas_mm2") or {}).get("tissue")),
+        tiles=_blank(counts.get("tissue_tiles")),
+        seconds=round(sum(t.get("seconds", 0.0) for t in timings.values()), 1))
     return row
 
 
