@@ -10,6 +10,7 @@ job, so the batch goes on with the others.
 from __future__ import annotations
 
 import csv
+import errno
 import glob
 import io
 import re
@@ -66,7 +67,7 @@ def expand_inputs(paths: list[str], input_kind: str = "slide", recursive: bool =
                               NoSlidesFound(f"{raw}: the pattern matches no slide files")))
             found.extend((_stem(s), str(s), None, None) for s in slides)
         elif not p.exists():
-            found.append((p.name, raw, None, SlideNotFound(f"{p}: no such file or folder")))
+            found.append((_stem(p), raw, None, SlideNotFound(f"{p}: no such file or folder")))
         elif p.is_file() and p.suffix.lower() == ".csv":
             found.extend(_read_list(p))
         elif p.is_dir() and input_kind == "case" and (p / "om").is_dir():
@@ -155,6 +156,9 @@ def unique_ids(names: list[str]) -> list[str]:
     return out
 
 
+_OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # the output's fault, not the slide's
+
+
 # -- one job -> one summary row --------------------------------------------------------------
 def run_job(job: Job, task_name: str, opts: RunOptions,
             log: Callable[[dict[str, Any]], None] | None = None, lock_wait_s: float = 0.0,
@@ -188,8 +192,9 @@ def run_job(job: Job, task_name: str, opts: RunOptions,
         row.update(status="locked" if isinstance(exc, SlideLocked) else "failed",
                    error=str(exc))
     except OSError as exc:  # disk full, permissions, a file vanishing mid-run
-        row.update(status="failed",
-                   error=str(OutputNotWritable(f"{job.path}: I/O error: {exc}")))
+        where = opts.out / job.slide_id if exc.errno in _OUTPUT_ERRNOS else job.path
+        row.update(status="failed", error=str(OutputNotWritable(
+            f"{where}: I/O error: {exc.strerror or exc}")))
     row["seconds"] = round(time.perf_counter() - started, 1)
     return row
 

@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{row['error']}", file=sys.stderr)
         elif not args.quiet and "_report" in row:
             say(_describe(row["slide_id"], row["_report"], out / row["slide_id"]))
-        write_summary(out, rows)  # kept current: a killed batch still says what finished
+        _save_summary(out, rows)  # kept current: a killed batch still says what finished
 
     with _stop_on_sigterm() as stop_signal:
         try:
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                                      say=say))
         except KeyboardInterrupt:
             done = {r["slide_id"] for r in rows}
-            write_summary(out, [*rows, *(_not_run(j, task.name, "interrupted" if
+            _save_summary(out, [*rows, *(_not_run(j, task.name, "interrupted" if
                                                   j.slide_id == current else "not run")
                                          for j in jobs if j.slide_id not in done)])
             print(f"{PROG}: interrupted; finished stages are kept, rerun the same command to "
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             return 128 + stop_signal.get("signum", signal.SIGINT)
         except WsiError as exc:  # the cluster itself: unreachable scheduler, lost workers
             return _fail(exc)
-    write_summary(out, rows)
+    _save_summary(out, rows)
     if not args.quiet and len(rows) > 1:
         print(summary_text(rows))
     bad = [r for r in rows if r["status"] in ("failed", "locked")]
@@ -165,6 +165,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: {len(bad)} of {len(rows)} inputs did not finish; see "
               f"{out / 'summary.csv'}", file=sys.stderr)
     return 1 if bad else 0
+
+
+def _save_summary(out: Path, rows: list[dict[str, Any]]) -> None:
+    """write_summary, or one line when the output disk cannot take it (the slides' own
+    folders are complete either way)."""
+    try:
+        write_summary(out, rows)
+    except OSError as exc:
+        print(f"{PROG}: error: {out / 'summary.csv'}: cannot write ({exc.strerror or exc})",
+              file=sys.stderr)
 
 
 @contextmanager

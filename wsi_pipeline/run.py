@@ -10,9 +10,11 @@ stage; a changed slide or parameter recomputes it and everything after it.
 from __future__ import annotations
 
 import platform
+import re
 import shutil
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -104,6 +106,7 @@ def _run_stages(slide: Slide, path: str | Path, task: TaskSpec, slide_id: str,
     out_dir = opts.out / slide_id
     if opts.force:
         shutil.rmtree(out_dir / "store.zarr", ignore_errors=True)
+    clear_leftovers(out_dir)
     # never left to describe an older run; a reused export stage keeps its files
     for stale in ("report.json",) if opts.until == "export" else OUTPUT_FILES:
         (out_dir / stale).unlink(missing_ok=True)
@@ -144,6 +147,24 @@ def _run_stages(slide: Slide, path: str | Path, task: TaskSpec, slide_id: str,
     report = build_report(slide, task, slide_id, opts, results, timings, fingerprint, model)
     _write_outputs(store, out_dir, report)
     return report
+
+
+_LEFTOVER = re.compile(r"\..+\.[0-9a-f]{32}\.tmp|\..+\.levels-[^/]+")
+
+
+def clear_leftovers(out_dir: Path) -> None:
+    """Delete what writes cut short by a kill left in ``out_dir`` and its store's root:
+    hidden temporary files (``.NAME.<uuid>.tmp``, see `store.atomic_write_bytes`) and mask
+    level folders (``.NAME.levels-*``). Callers work on a slide folder one at a time (the
+    batch holds its lock), so none of these can belong to a live writer."""
+    for folder in (out_dir, out_dir / "store.zarr"):
+        for path in folder.glob(".*") if folder.is_dir() else ():
+            if not _LEFTOVER.fullmatch(path.name):
+                continue
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
 
 EXPORT_FILES = ("overlay.png", "mask.ome.tif", "objects.geojson")
@@ -349,10 +370,12 @@ def _run_export(ctx: dict[str, Any], results: dict[str, Any], inputs: str) -> di
     mask = write_mask_ome_tiff(out_dir / "mask.ome.tif", classes, mpp, out_mpp=task.mpp,
                                legend=rules.LEGEND)
     objects = results["measure"]["objects"]
+    # ids derived from the stage's inputs: a rerun or a resumed run writes the same file
     n = write_geojson(out_dir / "objects.geojson",
                       [{"polygon_um": o["polygon_um"], "name": o["name"], "color": o["color"],
-                        "object_type": "annotation", "measurements": o["measurements"]}
-                       for o in objects], slide_mpp=slide.mpp)
+                        "object_type": "annotation", "measurements": o["measurements"],
+                        "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"wsi_pipeline:{inputs}:{i}"))}
+                       for i, o in enumerate(objects)], slide_mpp=slide.mpp)
     colors = {k: c for k, c in class_colors(rules.LEGEND).items() if k in rules.OVERLAY_CLASSES}
     export_overlay(out_dir / "overlay.png", store.read_array("tissue/thumbnail"),
                    float(store.root["tissue/thumbnail"].attrs["mpp"]), labels=classes,
