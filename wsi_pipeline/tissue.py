@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage as ndi
 from skimage import color, filters, morphology
+from skimage.filters import rank
 
 
 @dataclass(frozen=True)
@@ -86,22 +87,21 @@ def detect_tissue(rgb: np.ndarray, mpp: float, params: TissueParams | None = Non
     hsv = color.rgb2hsv(rgb)
     hue_deg, sat = hsv[..., 0] * 360.0, hsv[..., 1]
     od = -np.log((rgb.astype(np.float32) + 1.0) / 256.0).mean(axis=-1)
-    footprint = morphology.disk(px(p.smooth_um))
-    sat = ndi.median_filter(sat.astype(np.float32), footprint=footprint)
-    od_s = ndi.median_filter(od, footprint=footprint)
+    sat = median_disk(sat, 1.0, px(p.smooth_um))
+    od_s = median_disk(od, MAX_OD, px(p.smooth_um))
 
     # Marker ink: blue/green hues with clear saturation, or near-black pixels.
     ink = ((hue_deg > 80) & (hue_deg < 265) & (hsv[..., 1] > p.pen_min_saturation)) | (
         rgb.max(axis=-1) < p.dark_max_rgb)
     ink = morphology.remove_small_objects(ink, max_size=px2(p.min_object_um2 / 4))
-    pen = ndi.binary_dilation(ink, morphology.disk(px(p.pen_margin_um))) if ink.any() else ink
+    pen = dilate_disk(ink, px(p.pen_margin_um))
 
     candidates = ~pen
     sat_thr = _otsu_floor(sat[candidates], p.min_saturation)
     od_thr = _otsu_floor(od_s[candidates], p.min_od)
     mask = (sat > sat_thr) & (od_s > od_thr) & candidates
 
-    mask = morphology.closing(mask, morphology.disk(px(p.close_um)))
+    mask = erode_disk(dilate_disk(mask, px(p.close_um)), px(p.close_um))
     mask &= ~pen
     mask = morphology.remove_small_objects(mask, max_size=px2(p.min_object_um2))
 
@@ -109,9 +109,11 @@ def detect_tissue(rgb: np.ndarray, mpp: float, params: TissueParams | None = Non
     # above, so the faint lattice is closed and kept where it touches stained tissue.
     # "Faint" = absorbing clearly more than this slide's own glass.
     faint = (od > _glass_od_ceiling(od, mask | pen, p.glass_od_margin)) & ~pen
-    lattice = morphology.closing(faint | mask, morphology.disk(px(p.fat_close_um))) & ~pen
+    r = px(p.fat_close_um)
+    lattice = erode_disk(dilate_disk(faint | mask, r), r) & ~pen
     # An opening drops the thin halo that blur and JPEG ringing leave around every edge.
-    lattice = morphology.opening(lattice & ~mask, morphology.disk(px(p.faint_min_width_um / 2)))
+    r = px(p.faint_min_width_um / 2)
+    lattice = dilate_disk(erode_disk(lattice & ~mask, r), r)
     lattice_labels, _ = ndi.label(lattice | mask)
     keep = np.unique(lattice_labels[mask])
     mask |= np.isin(lattice_labels, keep[keep > 0])
@@ -119,6 +121,31 @@ def detect_tissue(rgb: np.ndarray, mpp: float, params: TissueParams | None = Non
     return TissueResult(mask=mask, mpp=mpp, pen=pen, saturation_threshold=float(sat_thr),
                         od_threshold=float(od_thr),
                         info={"pen_fraction": float(pen.mean()), "params": p.__dict__})
+
+
+MAX_OD = 3.0  # optical densities above this are black: clipped before smoothing
+
+
+def median_disk(values: np.ndarray, top: float, radius_px: int) -> np.ndarray:
+    """Median of ``values`` (H, W) in [0, ``top``] over a disk of ``radius_px``, computed
+    on 1024 levels (steps of ``top`` / 1023) by skimage's histogram rank filter, whose cost
+    grows with the radius rather than with the disk's area; float32."""
+    levels = np.round(np.clip(values, 0.0, top) * (1023 / top)).astype(np.uint16)
+    smooth = rank.median(levels, morphology.disk(radius_px))
+    return smooth.astype(np.float32) * np.float32(top / 1023)
+
+
+def dilate_disk(mask: np.ndarray, radius_px: float) -> np.ndarray:
+    """Binary dilation of ``mask`` by a disk of ``radius_px`` (the same pixels as
+    ``morphology.dilation(mask, morphology.disk(r))``), from a distance transform, so its
+    cost does not grow with the radius."""
+    return ndi.distance_transform_edt(~mask) <= radius_px if mask.any() else mask.copy()
+
+
+def erode_disk(mask: np.ndarray, radius_px: float) -> np.ndarray:
+    """Binary erosion by a disk (outside the image counts as foreground, as in
+    ``morphology.erosion``); see `dilate_disk`."""
+    return ndi.distance_transform_edt(mask) > radius_px if not mask.all() else mask.copy()
 
 
 def _glass_od_ceiling(od: np.ndarray, not_glass: np.ndarray, margin: float) -> float:
