@@ -131,6 +131,18 @@ def load_checkpoint(path: str | Path, *, task: str,
     return model.to(device).eval(), meta
 
 
+def sidecar_task(path: str | Path) -> str | None:
+    """The task named by the sidecar of checkpoint file ``path`` (.safetensors or .json);
+    None for a folder or a file without a readable sidecar (loading then says why)."""
+    path = Path(path)
+    if path.is_dir():
+        return None
+    try:
+        return str(_read_sidecar(path.with_suffix(SIDECAR_SUFFIX))["task"])
+    except CheckpointError:
+        return None
+
+
 def checkpoint_id(meta: dict[str, Any]) -> str:
     """Short id of a checkpoint for reports: the first 12 hex digits of its weights' sha256."""
     return str(meta["sha256"])[:12]

@@ -129,18 +129,19 @@ Sink = Callable[[np.ndarray, np.ndarray], None]
 
 def predict_windows(model: torch.nn.Module, store_path: str | Path, windows: np.ndarray, *,
                     size_px: int, context: tuple[int, ...], out_downsample: int,
-                    options: EngineOptions, sink: Sink,
+                    options: EngineOptions, sink: Sink, base_level: int = 0,
                     progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Run ``model`` over ``windows`` ((M, 2) level-0 corners) of the store and call
-    ``sink(corners (B, 2), probs (B, C, size/d, size/d) float32)`` per batch, in order.
+    """Run ``model`` over ``windows`` ((M, 2) corners in pixels of level ``base_level``)
+    of the store and call ``sink(corners (B, 2), probs (B, C, size/d, size/d) float32)``
+    per batch, in order.
 
     ``context`` is the store's level downsamples (e.g. (1, 2, 4)); the model's ``levels``
-    pick from them. Probabilities are sigmoid (1 class) or softmax (several), average-pooled
-    by ``out_downsample`` on the device. Returns timing figures.
+    count from ``base_level``. Probabilities are sigmoid (1 class) or softmax (several),
+    average-pooled by ``out_downsample`` on the device. Returns timing figures.
     """
     device = torch.device(options.device)
-    levels = tuple(getattr(model, "levels", (0,)))
-    factors = tuple(context[k] for k in levels)
+    levels = tuple(base_level + k for k in getattr(model, "levels", (0,)))
+    factors = tuple(context[k] // context[base_level] for k in levels)
     dataset = WindowDataset(store_path, windows, size_px, levels, factors)
     on_gpu = device.type == "cuda"
     loader = torch.utils.data.DataLoader(
@@ -187,10 +188,14 @@ def infer_to_store(model: torch.nn.Module, store: SlideStore, name: str, windows
                    *, size_px: int, overlap_px: int, context: tuple[int, ...],
                    level0_hw: tuple[int, int], out_downsample: int, options: EngineOptions,
                    inputs: str, attrs: dict[str, Any] | None = None, chunk_px: int = 512,
+                   base_level: int = 0,
                    progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Predict ``windows`` and stitch them into ``pred/<name>`` ((C, H/d, W/d) uint8,
     probability x 255, chunks of ``chunk_px``) of ``store``, resuming an interrupted run with
     the same ``inputs`` at band (chunk-row) granularity.
+
+    With ``base_level`` k > 0 the network reads level k and coarser: ``windows`` and
+    ``level0_hw`` are then in level-k pixels, and (H, W) is level k's size.
     """
     out_px = size_px // out_downsample
     classes = int(getattr(model, "classes", 1))
@@ -211,7 +216,7 @@ def infer_to_store(model: torch.nn.Module, store: SlideStore, name: str, windows
 
     stats = predict_windows(model, store.path, todo, size_px=size_px, context=context,
                             out_downsample=out_downsample, options=options, sink=sink,
-                            progress=progress)
+                            base_level=base_level, progress=progress)
     stitcher.close()
     return stats | {"windows_total": int(len(windows)),
                     "windows_skipped": int(len(windows) - len(todo)),

@@ -32,12 +32,13 @@ from .export import write_overlay as export_overlay
 from .pyramid import PyramidSpec, super_tile_groups, write_pyramid
 from .slide import Slide, open_slide
 from .store import SlideStore, atomic_write_bytes, atomic_write_json, checksum, file_fingerprint
-from .tasks import TaskSpec, task_rules
+from .tasks import MeasureInputs, ModelSpec, TaskSpec, task_rules
 from .tissue import TissueParams, detect_tissue, thumbnail_mpp, tile_grid
 
 STAGES: tuple[str, ...] = ("tissue", "stain", "pyramid", "infer", "stitch", "measure",
                            "export")
 MODEL_STAGES = STAGES[STAGES.index("infer"):]
+STAIN_NAMES = {"he": "H&E", "pas": "PAS"}
 Log = Callable[[dict[str, Any]], None]
 
 
@@ -143,7 +144,9 @@ def _run_stages(slide: Slide, path: str | Path, task: TaskSpec, slide_id: str,
         upstream = inputs
 
     model = ctx["model"][1] if "model" in ctx else None
-    report = build_report(slide, task, slide_id, opts, results, timings, fingerprint, model)
+    classifier = ctx["classifier"][1] if ctx.get("classifier") else None
+    report = build_report(slide, task, slide_id, opts, results, timings, fingerprint, model,
+                          classifier)
     _write_outputs(store, out_dir, report)
     return report
 
@@ -219,10 +222,23 @@ def _run_stain(ctx: dict[str, Any], results: dict[str, Any], inputs: str) -> dic
               for r, c in tiles[np.sort(pick)]]
     fit = stain_mod.fit_vahadane(np.concatenate(pixels), seed=opts.seed)
     reference = stain_mod.REFERENCES[task.stain]
-    return {"fit": fit.to_dict(), "reference_name": task.stain,
-            "reference": reference.to_dict(),
-            "similarity_to_reference": round(float(stain_mod.stain_similarity(fit, reference)), 4),
-            "sampled_tiles": int(len(pick)), "sampled_pixels": int(sum(len(p) for p in pixels))}
+    similarity = {name: round(float(stain_mod.stain_similarity(fit, ref)), 4)
+                  for name, ref in stain_mod.REFERENCES.items()}
+    closest = max(similarity, key=similarity.__getitem__)
+    result = {"fit": fit.to_dict(), "reference_name": task.stain,
+              "reference": reference.to_dict(),
+              "similarity_to_reference": similarity[task.stain],
+              "similarity_to_references": similarity, "closest_reference": closest,
+              "sampled_tiles": int(len(pick)), "sampled_pixels": int(sum(len(p) for p in pixels))}
+    # Stain vectors tell H&E from PAS only weakly (see stain.stain_similarity): this warns
+    # when the fit is closer to another reference, and stays silent on a close call.
+    if closest != task.stain:
+        result["warning"] = (f"the slide's stain estimate matches {STAIN_NAMES[closest]} "
+                             f"better than the {STAIN_NAMES[task.stain]} this task expects "
+                             f"(similarity {similarity[closest]:.3f} vs "
+                             f"{similarity[task.stain]:.3f}): check the stain; results may "
+                             "be unreliable")
+    return result
 
 
 def _pyramid_params(ctx: dict[str, Any]) -> dict[str, Any]:
@@ -255,14 +271,42 @@ def _run_pyramid(ctx: dict[str, Any], results: dict[str, Any], inputs: str) -> d
 
 
 # -- model stages: infer -> stitch -> measure -> export -----------------------------------------
-def demo_weights(task: TaskSpec) -> Path:
-    """The bundled demo checkpoint of ``task`` (``wsi_pipeline/weights/<stem>.safetensors``)."""
-    stem = task.model.demo_weights if task.model else None
+def demo_weights(task: TaskSpec, spec: ModelSpec | None = None) -> Path:
+    """The bundled demo checkpoint of ``task``'s model, or of ``spec`` (its classifier)
+    (``wsi_pipeline/weights/<stem>.safetensors``)."""
+    spec = spec or task.model
+    stem = spec.demo_weights if spec else None
     path = Path(__file__).parent / "weights" / f"{stem}.safetensors"
     if stem is None or not path.exists():
         raise CheckpointError(f"no bundled demo weights for task {task.name}; pass --weights "
                               "FILE" + (" or --model classical" if task.name == "fls" else ""))
     return path
+
+
+def _checkpoint_path(task: TaskSpec, spec: ModelSpec, weights: Path | None) -> Path:
+    """Which checkpoint serves ``spec``: ``--weights`` when it is a folder (it must hold
+    one for each of the task's models) or a file made for ``spec``; the bundled demo
+    weights when no ``--weights`` was given, or when the file is for the task's other model
+    (e.g. ``--weights`` names a mesangial classifier: the detector stays the demo one)."""
+    if weights is None or weights.is_dir():
+        return weights or demo_weights(task, spec)
+    from .checkpoint import sidecar_task
+
+    others = [m for m in (task.model, task.classifier) if m is not None and m is not spec]
+    named = sidecar_task(weights)
+    if named is not None and named != task.checkpoint_task(spec) \
+            and any(named == task.checkpoint_task(m) for m in others):
+        return demo_weights(task, spec)
+    return weights
+
+
+def _load(ctx: dict[str, Any], spec: ModelSpec) -> tuple[Any, dict[str, Any]]:
+    from .checkpoint import load_checkpoint
+
+    task, opts = ctx["task"], ctx["opts"]
+    path = _checkpoint_path(task, spec, opts.weights)
+    network, meta = load_checkpoint(path, task=task.checkpoint_task(spec))
+    return network, meta | {"path": str(path)}
 
 
 def _model(ctx: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -274,10 +318,18 @@ def _model(ctx: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
                                    "description": "weight-free: dense aggregates of "
                                                   "lymphocytes found by a nucleus detector"})
         else:
-            from .checkpoint import load_checkpoint
-
-            ctx["model"] = load_checkpoint(opts.weights or demo_weights(task), task=task.name)
+            ctx["model"] = _load(ctx, task.model)
     return ctx["model"]
+
+
+def _classifier(ctx: dict[str, Any]) -> tuple[Any, dict[str, Any]] | None:
+    """(network, sidecar) of the task's object classifier, loaded once; None without one."""
+    task = ctx["task"]
+    if task.classifier is None:
+        return None
+    if "classifier" not in ctx:
+        ctx["classifier"] = _load(ctx, task.classifier)
+    return ctx["classifier"]
 
 
 def _infer_params(ctx: dict[str, Any]) -> dict[str, Any]:
@@ -288,7 +340,8 @@ def _infer_params(ctx: dict[str, Any]) -> dict[str, Any]:
                 "aggregates": asdict(rules.AggregateParams())}
     return {"mode": "network", "architecture": meta["architecture"],
             "weights_sha256": meta["sha256"], "tile_px": task.tile_px,
-            "overlap_px": task.model.overlap_px, "out_downsample": task.model.out_downsample}
+            "overlap_px": task.model.overlap_px, "out_downsample": task.model.out_downsample,
+            "level": task.model.level}
 
 
 def _run_infer(ctx: dict[str, Any], results: dict[str, Any], inputs: str) -> dict[str, Any]:
@@ -312,19 +365,23 @@ def _run_infer(ctx: dict[str, Any], results: dict[str, Any], inputs: str) -> dic
     from .infer import EngineOptions, infer_to_store, window_grid
 
     spec = task.model
-    level0_hw = tuple(store.root["image/0"].shape[1:])
-    windows = window_grid(tiles, task.tile_px, level0_hw, spec.overlap_px)
+    # the network reads level `spec.level`: its windows are tile_px at that level, over the
+    # tissue tiles that level's coarser grid covers
+    factor = task.context[spec.level]
+    level_hw = tuple(store.root[f"image/{spec.level}"].shape[1:])
+    grid = np.unique(tiles // factor, axis=0) if factor > 1 and len(tiles) else tiles
+    windows = window_grid(grid, task.tile_px, level_hw, spec.overlap_px)
     device = resolve_device(opts.device)
     bar = _progress_bar(opts, total=len(windows), desc=f"{ctx['slide_id']} infer",
                         unit="window")
     try:
         return infer_to_store(
             network, store, "prob", windows, size_px=task.tile_px, overlap_px=spec.overlap_px,
-            context=task.context, level0_hw=level0_hw, out_downsample=spec.out_downsample,
+            context=task.context, level0_hw=level_hw, out_downsample=spec.out_downsample,
             options=EngineOptions(device=device, batch_size=opts.batch_size,
                                   workers=_loader_workers(opts.workers, device)),
             inputs=inputs, attrs={"mpp": task.pred_mpp, "classes": list(spec.classes)},
-            progress=bar.update if bar else None)
+            base_level=spec.level, progress=bar.update if bar else None)
     finally:
         if bar:
             bar.close()
@@ -348,14 +405,22 @@ def _run_stitch(ctx: dict[str, Any], results: dict[str, Any], inputs: str) -> di
 
 
 def _measure_params(ctx: dict[str, Any]) -> dict[str, Any]:
-    rules = task_rules(ctx["task"])
-    return {"rules": asdict(rules.Params()), "lymphocytes": asdict(rules.LymphocyteParams())}
+    params = task_rules(ctx["task"]).measure_params()
+    classifier = _classifier(ctx)
+    if classifier is not None:
+        params["classifier_sha256"] = classifier[1]["sha256"]
+    return params
 
 
 def _run_measure(ctx: dict[str, Any], results: dict[str, Any], inputs: str) -> dict[str, Any]:
-    rules = task_rules(ctx["task"])
-    return rules.measure(ctx["slide"], ctx["store"], _stain_fit(results), rules.Params(),
-                         rules.LymphocyteParams(), results["stitch"]["areas_mm2"])
+    opts = ctx["opts"]
+    classifier = _classifier(ctx)
+    device = resolve_device(opts.device) if classifier is not None else "cpu"
+    return task_rules(ctx["task"]).measure(MeasureInputs(
+        slide=ctx["slide"], store=ctx["store"], stain=_stain_fit(results),
+        areas_mm2=results["stitch"]["areas_mm2"],
+        classifier=classifier[0] if classifier is not None else None,
+        device=device, batch_size=opts.batch_size))
 
 
 def _export_params(ctx: dict[str, Any]) -> dict[str, Any]:
@@ -413,8 +478,8 @@ def _progress_bar(opts: RunOptions, total: int, desc: str, unit: str = "block") 
 # -- outputs ---------------------------------------------------------------------------------
 def build_report(slide: Slide, task: TaskSpec, slide_id: str, opts: RunOptions,
                  results: dict[str, Any], timings: dict[str, Any],
-                 fingerprint: dict[str, Any], model: dict[str, Any] | None = None
-                 ) -> dict[str, Any]:
+                 fingerprint: dict[str, Any], model: dict[str, Any] | None = None,
+                 classifier: dict[str, Any] | None = None) -> dict[str, Any]:
     """report.json: DESIGN.md's shared keys plus slide, objects, quality and provenance.
 
     Until the measure stage has run, ``diagnosis.label`` is null and ``complete`` is
@@ -443,7 +508,8 @@ def build_report(slide: Slide, task: TaskSpec, slide_id: str, opts: RunOptions,
         "quality": {"no_tissue": tissue.get("n_tiles") == 0,
                     "pen_fraction": tissue.get("pen_fraction"),
                     "stain_similarity_to_reference":
-                        stain.get("similarity_to_reference") if stain else None},
+                        stain.get("similarity_to_reference") if stain else None,
+                    "stain_warning": stain.get("warning") if stain else None},
         "pyramid": results.get("pyramid"),
         "provenance": {
             "package": "wsi_pipeline", "version": __version__,
@@ -455,14 +521,18 @@ def build_report(slide: Slide, task: TaskSpec, slide_id: str, opts: RunOptions,
     }
     if model is not None:
         report["provenance"]["model"] = _model_provenance(model)
+    if classifier is not None:
+        report["provenance"]["classifier"] = _model_provenance(classifier)
     measured = results.get("measure")
     if measured is None:
         return report
     report["complete"] = "export" in results or opts.until == "measure"
     report["diagnosis"] = measured["diagnosis"]
-    if model is not None and model.get("demo"):
+    if any(m is not None and m.get("demo") for m in (model, classifier)):
         report["diagnosis"]["note"] += ("; made with the bundled DEMO weights (trained on "
                                         "synthetic slides), not for clinical use")
+    if report["quality"]["stain_warning"]:
+        report["diagnosis"]["note"] += "; WARNING: " + report["quality"]["stain_warning"]
     report["scores"] = measured["scores"]
     report["counts"] = {**report["counts"], **measured["counts"]}
     report["areas_mm2"] = {**report["areas_mm2"], **measured["areas_mm2"],

@@ -123,6 +123,27 @@ class BandStitcher:
             self.on_band(b)
 
 
+def nearest_index(n: int, mpp: float, src_mpp: float, src_n: int, start: int = 0) -> np.ndarray:
+    """Index into a grid of ``src_mpp`` um/px (``src_n`` long) of the centre of each of
+    ``n`` pixels at ``mpp``, starting at pixel ``start``: nearest-neighbour resampling of a
+    small map (e.g. the tissue mask) onto a band of a finer one.
+
+    >>> nearest_index(4, 2.0, 8.0, 10).tolist()
+    [0, 0, 0, 0]
+    """
+    centres_um = (np.arange(start, start + n) + 0.5) * mpp
+    return np.clip((centres_um / src_mpp).astype(np.int64), 0, src_n - 1)
+
+
+def tissue_band(tissue: np.ndarray, tissue_mpp: float, y0: int, shape: tuple[int, int],
+                mpp: float) -> np.ndarray:
+    """The (h, w) part of the thumbnail-sized boolean ``tissue`` mask (at ``tissue_mpp``)
+    under a band of a map at ``mpp`` whose first row is ``y0`` (nearest neighbour)."""
+    rows = nearest_index(shape[0], mpp, tissue_mpp, tissue.shape[0], start=y0)
+    cols = nearest_index(shape[1], mpp, tissue_mpp, tissue.shape[1])
+    return tissue[np.ix_(rows, cols)]
+
+
 def iter_bands(array: zarr.Array, band_px: int | None = None):
     """Yield (y0, band) over a 2-D or (C, H, W) zarr array in row bands of ``band_px``
     rows (default: the chunk height), full width — bounded memory for slide-sized maps."""

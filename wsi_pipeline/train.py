@@ -35,7 +35,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +45,15 @@ import torch
 from .annotations import AnnotationSource, find_annotations
 from .errors import OutputNotWritable, UsageError, WsiError
 from .stain import REFERENCES, rgb_to_od
-from .tasks import TASK_NAMES, TaskSpec, get_task
+from .tasks import TRAINABLE_NAMES, TaskSpec, get_task
 
 ALIGN_PX = 4               # patch corners on multiples of the coarsest context factor
 STAIN_JITTER = 0.15        # stain concentrations scaled by U(1 - j, 1 + j)
 SYNTH_SIZE_PX = (6000, 4500)
 SYNTH_SEED = 1000
+SYNTH_MOUSE_SEED = 5000
+# models trained on another task's synthetic slides (the detector on PAS kidney biopsies)
+SYNTH_TASK = {"glomeruli": "mesangial"}
 Log = Callable[[str], None]
 
 
@@ -128,21 +131,26 @@ class TrainSlide:
     positives_px: np.ndarray
     level0_hw: tuple[int, int]
     tile_px: int
+    species: str = "human"
 
 
 def make_synthetic_cohort(task: TaskSpec, folder: Path, n: int, *, seed: int = SYNTH_SEED,
                           size_px: tuple[int, int] = SYNTH_SIZE_PX, workers: int = 2,
-                          log: Log = say) -> list[Path]:
+                          species: str = "human", mpp: float = 0.5, log: Log = say
+                          ) -> list[Path]:
     """``n`` synthetic slides of ``task`` (via `wsi_pipeline.synth.write_slide`, as
     ``wsi-synth`` writes them) in ``folder``: seeds ``seed``, ``seed + 1``, ...; even
-    indices positive, odd negative. A slide already there with the same seed, size and
-    label is reused."""
+    indices positive, odd negative (mouse kidney sections: all with cortex). A slide
+    already there with the same seed, size, label and species is reused."""
     from .synth import truth_paths, write_slide
 
-    labels = _synth_labels(task)
+    synth_task = SYNTH_TASK.get(task.name, task.name)
+    labels = _synth_labels(task) if species == "human" else ("adequate", "adequate")
+    extra = {} if species == "human" else {"species": species}
     paths = []
     for i in range(n):
-        path = folder / f"{task.name}_synth_{seed + i}.svs"
+        tag = "" if species == "human" else f"{species}_"
+        path = folder / f"{task.name}_synth_{tag}{seed + i}.svs"
         label = labels[i % 2]
         truth_json, truth_zarr = truth_paths(path)
         gen = _read_json(truth_json).get("generator", {}) if truth_json.is_file() else {}
@@ -153,9 +161,9 @@ def make_synthetic_cohort(task: TaskSpec, folder: Path, n: int, *, seed: int = S
         else:
             t0 = time.perf_counter()
             folder.mkdir(parents=True, exist_ok=True)
-            write_slide(task.name, path, width=size_px[0], height=size_px[1], seed=seed + i,
-                        label=label, workers=workers)
-            log(f"synth {path.name}: {label}, {time.perf_counter() - t0:.1f} s")
+            write_slide(synth_task, path, width=size_px[0], height=size_px[1], seed=seed + i,
+                        mpp=mpp, label=label, workers=workers, **extra)
+            log(f"synth {path.name}: {species} {label}, {time.perf_counter() - t0:.1f} s")
         paths.append(path)
     return paths
 
@@ -163,8 +171,26 @@ def make_synthetic_cohort(task: TaskSpec, folder: Path, n: int, *, seed: int = S
 def _synth_labels(task: TaskSpec) -> tuple[str, str]:
     from .synth import get_spec
 
-    labels = tuple(get_spec(task.name).labels)
+    labels = tuple(get_spec(SYNTH_TASK.get(task.name, task.name)).labels)
     return (labels[0], labels[1]) if len(labels) > 1 else (labels[0], labels[0])
+
+
+def positive_classes(task: TaskSpec) -> dict[str, tuple[str, ...]]:
+    """Annotation classes that class-balanced sampling centres patches on: all of a
+    one-class model's, all but the background (class 0) of a softmax model's."""
+    classes = dict(task.model.annotations)
+    if task.model.softmax:
+        classes.pop(task.model.classes[0], None)
+    return classes
+
+
+def _species(path: Path) -> str:
+    """"mouse" for a synthetic mouse section (its truth.json says so), else "human"."""
+    from .synth import truth_paths
+
+    truth_json, _ = truth_paths(path)
+    return str(_read_json(truth_json).get("species", "human")) if truth_json.is_file() \
+        else "human"
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -205,7 +231,7 @@ def prepare_slides(paths: Sequence[Path], task: TaskSpec, work: Path, *, workers
     from .run import RunOptions, run_slide
 
     ids = list(ids) if ids is not None else unique_ids([Path(p).stem for p in paths])
-    classes = task.model.annotations
+    classes = positive_classes(task)
     out = []
     for slide_id, path in zip(ids, paths, strict=True):
         source = find_annotations(path, mpp=mpp)  # fail before the long work
@@ -223,21 +249,23 @@ def prepare_slides(paths: Sequence[Path], task: TaskSpec, work: Path, *, workers
         log(f"slide {slide_id}: {len(tiles)} tissue tiles, {len(positives)} positive points "
             f"({source.kind}), {'reused' if reused else f'{time.perf_counter() - t0:.1f} s'}")
         out.append(TrainSlide(slide_id, Path(path), store_path, source, tiles, positives,
-                              level0_hw, task.tile_px))
+                              level0_hw, task.tile_px, _species(Path(path))))
     return out
 
 
 def split_slides(slides: Sequence[TrainSlide], val_fraction: float, seed: int
                  ) -> tuple[list[TrainSlide], list[TrainSlide]]:
     """Slide-level split, stratified by whether a slide has positive annotations, so both
-    sides see positives when there are at least two positive slides."""
+    sides see positives when there are at least two positive slides. Mouse slides (the
+    cross-species helpers of kidney-layer) always train: validation is on human slides."""
     rng = np.random.default_rng(seed)
-    train: list[TrainSlide] = []
+    train: list[TrainSlide] = [s for s in slides if s.species != "human"]
     val: list[TrainSlide] = []
     if val_fraction <= 0:
         return list(slides), []
-    for group in ([s for s in slides if len(s.positives_px)],
-                  [s for s in slides if not len(s.positives_px)]):
+    human = [s for s in slides if s.species == "human"]
+    for group in ([s for s in human if len(s.positives_px)],
+                  [s for s in human if not len(s.positives_px)]):
         order = rng.permutation(len(group))
         n_val = min(len(group) - 1, round(val_fraction * len(group))) if len(group) > 1 else 0
         if n_val == 0 and len(group) > 1 and val_fraction > 0:
@@ -282,6 +310,27 @@ def sample_patches(slides: Sequence[TrainSlide], n: int, patch_px: int,
         plan[i, 1] = (cy - patch_px // 2) // ALIGN_PX * ALIGN_PX
         plan[i, 2] = (cx - patch_px // 2) // ALIGN_PX * ALIGN_PX
     return plan
+
+
+def sample_mixed(slides: Sequence[TrainSlide], n: int, patch_px: int, rng: np.random.Generator,
+                 positive_fraction: float = 0.5, mouse_fraction: float | None = None
+                 ) -> np.ndarray:
+    """`sample_patches` with a fixed share of the patches (``mouse_fraction``) from the
+    mouse slides and the rest from the human ones, shuffled together, so each batch
+    mixes the species whatever the slides' sizes; plain `sample_patches` when the cohort
+    has one species or ``mouse_fraction`` is None."""
+    mouse = [i for i, s in enumerate(slides) if s.species == "mouse"]
+    human = [i for i, s in enumerate(slides) if s.species != "mouse"]
+    if mouse_fraction is None or not mouse or not human:
+        return sample_patches(slides, n, patch_px, rng, positive_fraction)
+    n_mouse = int(round(n * mouse_fraction))
+    plans = []
+    for group, k in ((human, n - n_mouse), (mouse, n_mouse)):
+        plan = sample_patches([slides[i] for i in group], k, patch_px, rng, positive_fraction)
+        plan[:, 0] = np.asarray(group)[plan[:, 0]]
+        plans.append(plan)
+    plan = np.concatenate(plans)
+    return plan[rng.permutation(len(plan))]
 
 
 class PatchDataset(torch.utils.data.Dataset):
@@ -342,6 +391,62 @@ def to_input(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.permute(0, 1, 4, 2, 3).float().div_(255)
 
 
+def target_index(target: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) one-hot targets -> (B, H, W) int64 class index; a pixel of no class
+    is background (class 0)."""
+    index = target.argmax(1)
+    index[target.sum(1) == 0] = 0
+    return index
+
+
+def make_loss(spec: Any, family: str = "cnn") -> tuple[str, Callable[..., torch.Tensor]]:
+    """(name, loss(logits, target (B, C, H, W), valid (B, H, W))) for a model of ``spec``
+    (`wsi_pipeline.tasks.ModelSpec`): BCEDice for one class; for a softmax model the joint
+    loss L_t (weighted focal + Dice) or the hybrid L_s (CE + Dice, weighted per
+    architecture ``family``), models.md §1."""
+    from .models import losses
+
+    kind = spec.loss if spec.loss != "auto" else ("hybrid" if spec.softmax else "bce_dice")
+    if not spec.softmax or kind == "bce_dice":
+        return "BCEDice", lambda z, t, v: losses.bce_dice_loss(z, t, valid=v[:, None])
+    weights = torch.tensor(spec.class_weights or [1.0] * len(spec.classes))
+    if kind == "joint":
+        return (f"L_t: weighted focal (class weights {list(weights.tolist())}) + Dice",
+                lambda z, t, v: losses.joint_loss(z, target_index(t), weights.to(z.device),
+                                                  valid=v))
+    if kind == "hybrid":
+        return (f"L_s: hybrid CE + Dice ({family})",
+                lambda z, t, v: losses.hybrid_loss(z, target_index(t), family=family,
+                                                   class_weights=weights.to(z.device),
+                                                   valid=v))
+    raise UsageError(f"unknown loss {kind!r}; choose bce_dice, joint or hybrid")
+
+
+def confusion_matrix(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor
+                     ) -> np.ndarray:
+    """(C, C) int64 counts of (true class, predicted class) over the valid pixels of a
+    softmax model's (B, C, H, W) logits against one-hot (B, C, H, W) targets."""
+    c = logits.shape[1]
+    true = target_index(target)[valid]
+    pred = logits.argmax(1)[valid]
+    return np.bincount((true * c + pred).numpy(), minlength=c * c).reshape(c, c)
+
+
+def confusion_scores(matrix: np.ndarray, score_classes: Sequence[int]) -> dict[str, Any]:
+    """Per-class Dice and IoU from a confusion matrix, and their means over
+    ``score_classes`` (a class absent from both truth and prediction scores 1)."""
+    tp = np.diag(matrix).astype(float)
+    fp = matrix.sum(0) - tp
+    fn = matrix.sum(1) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dice = np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), 1.0)
+        iou = np.where(tp + fp + fn > 0, tp / (tp + fp + fn), 1.0)
+    pick = list(score_classes)
+    return {"dice": float(dice[pick].mean()), "iou": float(iou[pick].mean()),
+            "dice_per_class": [round(float(v), 4) for v in dice],
+            "iou_per_class": [round(float(v), 4) for v in iou]}
+
+
 def dice_counts(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor
                 ) -> tuple[float, float, float]:
     """(true positives, predicted positives, true positives + false negatives) of the
@@ -353,16 +458,26 @@ def dice_counts(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor
 
 
 def evaluate(model: torch.nn.Module, loader: torch.utils.data.DataLoader,
-             device: torch.device) -> dict[str, float]:
+             device: torch.device, score_classes: Sequence[int] | None = None
+             ) -> dict[str, Any]:
     """Patch-level {"dice", "precision", "recall"} over all valid pixels of the loader's
-    patches (each 1.0 when its denominator is empty)."""
+    patches (each 1.0 when its denominator is empty); for a softmax model (several
+    output channels) the mean Dice and IoU over ``score_classes`` (default: all but the
+    background) and both per class (`confusion_scores`)."""
     model.eval()
     tp = pred = truth = 0.0
+    matrix = None
     with torch.inference_mode():
         for x, target, valid in loader:
             logits = model(to_input(x, device)).float().cpu()
+            if logits.shape[1] > 1:
+                m = confusion_matrix(logits, target, valid)
+                matrix = m if matrix is None else matrix + m
+                continue
             a, b, c = dice_counts(logits, target, valid)
             tp, pred, truth = tp + a, pred + b, truth + c
+    if matrix is not None:
+        return confusion_scores(matrix, score_classes or range(1, len(matrix)))
     return {"dice": 1.0 if pred + truth == 0 else 2 * tp / (pred + truth),
             "precision": 1.0 if pred == 0 else tp / pred,
             "recall": 1.0 if truth == 0 else tp / truth}
@@ -388,6 +503,7 @@ class TrainOptions:
     weight_decay: float = 1e-4
     val_patches: int = 96
     positive_fraction: float = 0.5
+    mouse_fraction: float | None = None   # share of mouse patches when the cohort has both
     jitter: float = STAIN_JITTER
     workers: int = 2
     seed: int = 0
@@ -398,13 +514,13 @@ def fit(model: torch.nn.Module, task: TaskSpec, train: Sequence[TrainSlide],
         log: Log = say) -> dict[str, Any]:
     """Train ``model`` in place and leave the best validation epoch's weights in it (the
     last epoch's without validation slides). Returns the metrics."""
-    from .models.losses import bce_dice_loss
-
+    loss_name, loss_fn = make_loss(task.model, getattr(model, "family", "cnn"))
+    score_classes = task.model.score_classes or None
     levels = tuple(getattr(model, "levels", (0,)))
     rng = np.random.default_rng(opts.seed)
     total = opts.epochs * opts.steps_per_epoch
-    plan = sample_patches(train, total * opts.batch_size, opts.patch_px, rng,
-                          opts.positive_fraction)
+    plan = sample_mixed(train, total * opts.batch_size, opts.patch_px, rng,
+                        opts.positive_fraction, opts.mouse_fraction)
     on_gpu = device.type == "cuda"
     loader_kw = {"num_workers": opts.workers, "pin_memory": on_gpu,
                  "prefetch_factor": 4 if opts.workers else None}
@@ -440,23 +556,31 @@ def fit(model: torch.nn.Module, task: TaskSpec, train: Sequence[TrainSlide],
             valid = valid.to(device, non_blocking=on_gpu)
             with torch.autocast(device.type, dtype=amp, enabled=on_gpu):
                 logits = model(x)
-            loss = bce_dice_loss(logits.float(), target, valid=valid[:, None])
+            loss = loss_fn(logits.float(), target, valid)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
             schedule.step()
             losses.append(float(loss.detach()))
-        scores = evaluate(model, val_loader, device) if val_loader is not None else {}
+        scores = (evaluate(model, val_loader, device, score_classes)
+                  if val_loader is not None else {})
         seconds = time.perf_counter() - t0
         row = {"epoch": epoch, "loss": round(float(np.mean(losses)), 4),
-               **{f"val_{k}": round(v, 4) for k, v in scores.items()},
+               **{f"val_{k}": round(v, 4) if isinstance(v, float) else v
+                  for k, v in scores.items()},
                "lr": float(optimiser.param_groups[0]["lr"]), "seconds": round(seconds, 1)}
         history.append(row)
         score = scores["dice"] if scores else float(epoch)
         if best is None or score > best[0]:
             best = (score, epoch, copy.deepcopy(model.state_dict()))
-        shown = (f"val Dice {scores['dice']:.4f} (precision {scores['precision']:.3f}, "
-                 f"recall {scores['recall']:.3f})") if scores else "no validation"
+        if not scores:
+            shown = "no validation"
+        elif "iou" in scores:
+            shown = (f"val Dice {scores['dice']:.4f}, IoU {scores['iou']:.4f} (per class "
+                     f"{scores['dice_per_class']})")
+        else:
+            shown = (f"val Dice {scores['dice']:.4f} (precision {scores['precision']:.3f}, "
+                     f"recall {scores['recall']:.3f})")
         log(f"epoch {epoch}/{opts.epochs}  loss {row['loss']:.4f}  {shown}  "
             f"lr {row['lr']:.2e}  {seconds:.1f} s")
     del batches, loader
@@ -464,7 +588,9 @@ def fit(model: torch.nn.Module, task: TaskSpec, train: Sequence[TrainSlide],
     model.load_state_dict(best[2])
     best_row = history[best[1] - 1]
     return {"val_dice": best_row.get("val_dice"), "val_precision": best_row.get("val_precision"),
-            "val_recall": best_row.get("val_recall"), "best_epoch": best[1],
+            "val_recall": best_row.get("val_recall"), "val_iou": best_row.get("val_iou"),
+            "val_dice_per_class": best_row.get("val_dice_per_class"),
+            "loss": loss_name, "best_epoch": best[1],
             "epochs": opts.epochs, "steps": total, "patches": total * opts.batch_size,
             "val_patches": opts.val_patches if val else 0,
             "seconds": round(time.perf_counter() - started, 1), "history": history}
@@ -480,7 +606,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = TrainOptions()
     p = _Parser(prog="wsi-train", description="Train a task's model from annotated slides "
                 "or a synthetic cohort; write a safetensors checkpoint + JSON sidecar.")
-    p.add_argument("--task", required=True, choices=TASK_NAMES)
+    p.add_argument("--task", required=True, choices=TRAINABLE_NAMES,
+                   help="a task, or glomeruli (the detector mesangial and glomerular-dx share)")
     p.add_argument("--data", nargs="+", default=[], metavar="PATH",
                    help="slide files or folders; annotations beside each slide")
     p.add_argument("--out", required=True, type=Path,
@@ -515,6 +642,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"seed of the first synthetic slide (default {SYNTH_SEED})")
     p.add_argument("--synth-size", default="x".join(map(str, SYNTH_SIZE_PX)), metavar="WxH",
                    help="synthetic slide size in pixels at 0.5 um/px")
+    p.add_argument("--synth-mouse", type=int, default=0, metavar="M",
+                   help="kidney-layer: also write M synthetic mouse kidney sections (seeds "
+                        f"from {SYNTH_MOUSE_SEED}) for cross-species training")
+    p.add_argument("--mouse-size", default="12000x7000", metavar="WxH",
+                   help="synthetic mouse section size in pixels at 1.0 um/px")
+    p.add_argument("--mouse-fraction", type=float, default=0.5,
+                   help="share of training patches from mouse slides when there are both")
+    p.add_argument("--loss", choices=("auto", "bce_dice", "joint", "hybrid"), default="auto",
+                   help="training loss (default: the task's; kidney-layer: joint L_t)")
     return p
 
 
@@ -529,18 +665,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    task = get_task(args.task)
+    task = get_task(args.task, trainable=True)
     if task.model is None:
         print(f"wsi-train: task {task.name} has no trainer in this version", file=sys.stderr)
         return 2
+    if args.loss != "auto":
+        task = replace(task, model=replace(task.model, loss=args.loss))
+    if args.synth_mouse and task.name != "kidney-layer":
+        raise UsageError("--synth-mouse is for kidney-layer (cross-species training)")
     opts = _options(args)
-    try:
-        synth_size = tuple(int(v) for v in args.synth_size.lower().split("x"))
-        assert len(synth_size) == 2
-    except (ValueError, AssertionError):
-        raise UsageError(f"--synth-size {args.synth_size!r}: expected WxH, e.g. 6000x4500"
-                         ) from None
-    if not args.data and not args.synth:
+    synth_size = _size(args.synth_size, "--synth-size")
+    mouse_size = _size(args.mouse_size, "--mouse-size")
+    if not args.data and not args.synth and not args.synth_mouse:
         raise UsageError("nothing to train on: give --data PATH... and/or --synth N")
     from .run import resolve_device
 
@@ -565,6 +701,14 @@ def _main(argv: list[str]) -> int:
                  "labels": [labels[i % 2] for i in range(args.synth)],
                  "size_px": list(synth_size), "mpp": 0.5, "generator": "wsi-synth"}
         paths += made
+    if args.synth_mouse:
+        paths += make_synthetic_cohort(task, work / "synth", args.synth_mouse,
+                                       seed=SYNTH_MOUSE_SEED, size_px=mouse_size,
+                                       workers=opts.workers, species="mouse", mpp=1.0)
+        synth = (synth or {}) | {"mouse": {
+            "n": args.synth_mouse,
+            "seeds": [SYNTH_MOUSE_SEED + i for i in range(args.synth_mouse)],
+            "size_px": list(mouse_size), "mpp": 1.0}}
     val_paths = expand_slides(args.val) if args.val else []
     from .batch import unique_ids
 
@@ -609,13 +753,25 @@ def _options(args: argparse.Namespace) -> TrainOptions:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if args.patch_px < 32 or args.patch_px % ALIGN_PX:
         raise UsageError(f"--patch-px {args.patch_px}: must be a multiple of {ALIGN_PX}, >= 32")
+    if not 0 <= args.mouse_fraction <= 1:
+        raise UsageError("--mouse-fraction must be in [0, 1]")
     if not 0 <= args.val_fraction < 1:
         raise UsageError("--val-fraction must be in [0, 1)")
     if args.workers < 0 or args.synth < 0 or not args.lr > 0:
         raise UsageError("--workers and --synth must be >= 0 and --lr > 0")
     return TrainOptions(epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
                         batch_size=args.batch_size, patch_px=args.patch_px, lr=args.lr,
-                        val_patches=args.val_patches, workers=args.workers, seed=args.seed)
+                        val_patches=args.val_patches, workers=args.workers, seed=args.seed,
+                        mouse_fraction=args.mouse_fraction)
+
+
+def _size(text: str, option: str) -> tuple[int, int]:
+    try:
+        size = tuple(int(v) for v in text.lower().split("x"))
+        assert len(size) == 2 and min(size) > 0
+    except (ValueError, AssertionError):
+        raise UsageError(f"{option} {text!r}: expected WxH, e.g. 6000x4500") from None
+    return size  # type: ignore[return-value]
 
 
 def _build(task: TaskSpec, args: argparse.Namespace, opts: TrainOptions
@@ -686,7 +842,8 @@ def _training_meta(argv: list[str], task: TaskSpec, opts: TrainOptions,
                           "schedule": "linear warm-up, cosine to 5 %",
                           "batch_size": opts.batch_size, "epochs": opts.epochs,
                           "steps_per_epoch": opts.steps_per_epoch},
-            "loss": "BCEDice", "seed": opts.seed}
+            "loss": make_loss(task.model)[0], "mouse_fraction": opts.mouse_fraction,
+            "seed": opts.seed}
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ Focus score FS = 4 * foci / glandular area (mm2); FS >= 1 is histology-positive.
 """
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from skimage import draw, morphology
@@ -20,9 +20,9 @@ from ..nuclei import (
 )
 from ..slide import Slide
 from ..stain import StainFit
-from ..stitch import connected_components, iter_bands
+from ..stitch import connected_components, iter_bands, tissue_band
 from ..store import SlideStore
-from . import ModelSpec, TaskSpec
+from . import MeasureInputs, ModelSpec, TaskSpec
 
 # The network segments every dense lymphocytic aggregate; the >= 50 lymphocyte rule that
 # makes an aggregate a *focus* is applied afterwards by counting nuclei.
@@ -118,15 +118,13 @@ def stitch(store: SlideStore, params: FlsParams) -> dict:
     labels = store.root.create_array("pred/labels", shape=(height, width), dtype="uint8",
                                       chunks=prob.chunks[1:], fill_value=0, overwrite=True)
     labels.attrs.update({"mpp": mpp, "legend": {str(k): v for k, v in LEGEND.items()}})
-    cols = _nearest(width, mpp, tissue_mpp, tissue_lowres.shape[1])
     counts = np.zeros(len(LEGEND), np.int64)
     for y0, band in iter_bands(prob):
         h = band.shape[1]
         rgb = np.full((h, width, 3), 255, np.uint8)
         part = np.asarray(image[:, y0:y0 + h, :width])
         rgb[:part.shape[1], :part.shape[2]] = np.moveaxis(part, 0, -1)
-        rows = _nearest(h, mpp, tissue_mpp, tissue_lowres.shape[0], start=y0)
-        tissue = tissue_lowres[np.ix_(rows, cols)]
+        tissue = tissue_band(tissue_lowres, tissue_mpp, y0, (h, width), mpp)
         band_labels = label_band(rgb, tissue, band[0] / 255.0, mpp, params)
         labels[y0:y0 + h, :] = band_labels
         counts += np.bincount(band_labels.ravel(), minlength=len(LEGEND))[:len(LEGEND)]
@@ -136,12 +134,6 @@ def stitch(store: SlideStore, params: FlsParams) -> dict:
         "glandular": round(float((counts[1] + counts[FOCUS] + counts[AGGREGATE]) * px_mm2), 5),
         "fat": round(float(counts[2] * px_mm2), 5),
         "focus_candidates": round(float(counts[FOCUS] * px_mm2), 5)}}
-
-
-def _nearest(n: int, mpp: float, src_mpp: float, src_n: int, start: int = 0) -> np.ndarray:
-    """Index into a grid of ``src_mpp`` of each of ``n`` pixel centres at ``mpp``."""
-    centres_um = (np.arange(start, start + n) + 0.5) * mpp
-    return np.clip((centres_um / src_mpp).astype(np.int64), 0, src_n - 1)
 
 
 def classical_infer(slide: Slide, store: SlideStore, stain: StainFit, params: FlsParams,
@@ -192,13 +184,21 @@ def classical_infer(slide: Slide, store: SlideStore, stain: StainFit, params: Fl
             "aggregates": len(found_aggregates), "tiles": int(len(tiles))}
 
 
-def measure(slide: Slide, store: SlideStore, stain: StainFit, params: FlsParams,
-            lymphocytes: LymphocyteParams, areas_mm2: dict) -> dict:
+def measure_params() -> dict:
+    """Everything `measure` depends on besides its inputs (recorded in the manifest)."""
+    return {"rules": asdict(FlsParams()), "lymphocytes": asdict(LymphocyteParams())}
+
+
+def measure(inputs: MeasureInputs, params: FlsParams | None = None,
+            lymphocytes: LymphocyteParams | None = None) -> dict:
     """The measure stage: each connected focus candidate gets its area, outline and a
     lymphocyte count (detected on the slide, or taken from the classical mode's
     detections); it is a focus when it holds >= ``params.min_lymphocytes``, else an
     aggregate. Writes ``pred/classes`` (the label map with that decision) and returns the
     report's diagnosis, scores, counts, areas and objects."""
+    slide, store, stain, areas_mm2 = inputs.slide, inputs.store, inputs.stain, inputs.areas_mm2
+    params = params or FlsParams()
+    lymphocytes = lymphocytes or LymphocyteParams()
     labels = store.root["pred/labels"]
     mpp = float(labels.attrs["mpp"])
     classes = store.root.create_array("pred/classes", shape=labels.shape, dtype="uint8",

@@ -1,10 +1,166 @@
 """`kidney-layer` — cortex/medulla segmentation with cross-species training (models.md §1).
 
-PAS. 1024 px patches [code]; MPP unpublished [choice: 2.0 um/px, a 2 mm field that shows
-the cortico-medullary layering].
+PAS. One softmax head over the seven-class joint label space of human and mouse kidney
+[code]; human and mouse patches are mixed in training (``wsi-train --task kidney-layer
+--synth N --synth-mouse M``), and on a (human) slide only the background and the two human
+channels are read: the mouse classes exist to share features. 1024 px patches [code] at
+2.0 um/px [choice: MPP unpublished; a 2 mm field shows the cortico-medullary layering],
+one pyramid level. Probabilities are kept at 4 um/px.
+
+Report: cortex and medulla areas (mm2), cortex fraction = cortex / (cortex + medulla),
+diagnosis "adequate" when cortex is present (at least ``min_cortex_mm2``), else
+"inadequate"; each connected cortex or medulla region is an object with its outline.
 """
 
-from . import TaskSpec
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from ..export import polygons_from_mask
+from ..stitch import connected_components, iter_bands, tissue_band
+from ..store import SlideStore
+from . import MeasureInputs, ModelSpec, TaskSpec
+
+CLASSES = ("background", "mouse_inner_medulla", "mouse_inner_stripe", "mouse_outer_stripe",
+           "mouse_cortex", "cortex", "medulla")
+HUMAN_CLASSES = (5, 6)          # up-weighted (x1.5) by the joint loss
+HUMAN_CHANNELS = (0, 5, 6)      # read on a human slide: background, cortex, medulla
+
+MODEL = ModelSpec(
+    arch="unet", classes=CLASSES,
+    annotations={
+        "background": (),       # everything not annotated as a layer
+        "mouse_inner_medulla": ("mouse_inner_medulla", "mouse inner medulla"),
+        "mouse_inner_stripe": ("mouse_inner_stripe", "mouse inner stripe"),
+        "mouse_outer_stripe": ("mouse_outer_stripe", "mouse outer stripe"),
+        "mouse_cortex": ("mouse_cortex", "mouse cortex"),
+        "cortex": ("cortex", "human cortex", "renal cortex", "glomerulus",
+                   "glomerulus_hypercellular"),
+        "medulla": ("medulla", "human medulla", "renal medulla"),
+    },
+    out_downsample=2, overlap_px=128, demo_weights="kidney_layer_demo",
+    loss="joint", class_weights=(1.0, 1.0, 1.0, 1.0, 1.0, 1.5, 1.5),
+    score_classes=HUMAN_CLASSES)
 
 TASK = TaskSpec(name="kidney-layer", title="Kidney cortex / medulla layers",
-                mpp=2.0, tile_px=1024, stain="pas", context=(1, 2, 4))
+                mpp=2.0, tile_px=1024, stain="pas", context=(1,), model=MODEL)
+
+# Label map at TASK.pred_mpp (4 um/px)
+LEGEND = {0: "background", 1: "cortex", 2: "medulla"}
+CORTEX, MEDULLA = 1, 2
+OVERLAY_CLASSES = (CORTEX, MEDULLA)
+COLORS = {CORTEX: (230, 159, 0), MEDULLA: (86, 180, 233)}
+
+
+@dataclass(frozen=True)
+class LayerParams:
+    """min_cortex_mm2     cortex below this area does not make a biopsy adequate (a
+                          glomerulus alone is ~0.03 mm2)
+    min_region_um2     cortex/medulla regions smaller than this are not listed as objects
+                       (their pixels still count in the areas)
+    """
+
+    min_cortex_mm2: float = 0.05
+    min_region_um2: float = 20_000.0
+
+
+Params = LayerParams
+
+
+def label_band(probs: np.ndarray, tissue: np.ndarray) -> np.ndarray:
+    """(h, w) uint8 `LEGEND` labels of a band from its (7, h, w) probabilities (any
+    scale): the most probable of background / human cortex / human medulla, inside
+    ``tissue`` ((h, w) bool) only."""
+    human = probs[list(HUMAN_CHANNELS)]
+    labels = np.argmax(human, axis=0).astype(np.uint8)   # 0, 1 = cortex, 2 = medulla
+    labels[~tissue] = 0
+    return labels
+
+
+def stitch(store: SlideStore, params: LayerParams) -> dict:
+    """The stitch stage: ``pred/labels`` ((H, W) uint8, `LEGEND`) band by band from
+    ``pred/prob`` and the tissue mask; returns the area of each layer in mm2."""
+    prob = store.root["pred/prob"]
+    mpp = float(prob.attrs["mpp"])
+    mask = store.root["tissue/mask"]
+    tissue_mpp = float(mask.attrs["mpp"])
+    tissue_lowres = np.asarray(mask) == 1
+    _, height, width = prob.shape
+    labels = store.root.create_array("pred/labels", shape=(height, width), dtype="uint8",
+                                      chunks=prob.chunks[1:], fill_value=0, overwrite=True)
+    labels.attrs.update({"mpp": mpp, "legend": {str(k): v for k, v in LEGEND.items()}})
+    counts = np.zeros(len(LEGEND), np.int64)
+    for y0, band in iter_bands(prob):
+        h = band.shape[1]
+        band_labels = label_band(band, tissue_band(tissue_lowres, tissue_mpp, y0, (h, width),
+                                                   mpp))
+        labels[y0:y0 + h, :] = band_labels
+        counts += np.bincount(band_labels.ravel(), minlength=len(LEGEND))[:len(LEGEND)]
+    px_mm2 = mpp * mpp / 1e6
+    return {"mpp": mpp, "areas_mm2": {
+        "cortex": round(float(counts[CORTEX] * px_mm2), 5),
+        "medulla": round(float(counts[MEDULLA] * px_mm2), 5),
+        "tissue_layers": round(float((counts[CORTEX] + counts[MEDULLA]) * px_mm2), 5)}}
+
+
+def score(cortex_mm2: float, medulla_mm2: float, params: LayerParams) -> dict:
+    """Cortex fraction and adequacy (cortex present) from the two areas."""
+    total = cortex_mm2 + medulla_mm2
+    if total <= 0:
+        return {"diagnosis": {"label": "inadequate", "adequate": False,
+                              "note": "no cortex or medulla found"},
+                "scores": {"cortex_fraction": None}}
+    adequate = cortex_mm2 >= params.min_cortex_mm2
+    fraction = cortex_mm2 / total
+    note = (f"cortex {cortex_mm2:.3f} mm2, medulla {medulla_mm2:.3f} mm2, cortex fraction "
+            f"{fraction:.2f}")
+    if not adequate:
+        note += f"; cortex below {params.min_cortex_mm2:g} mm2: no cortex to assess"
+    return {"diagnosis": {"label": "adequate" if adequate else "inadequate",
+                          "adequate": bool(adequate), "note": note},
+            "scores": {"cortex_fraction": round(fraction, 5)}}
+
+
+def measure_params() -> dict:
+    """Everything `measure` depends on besides its inputs (recorded in the manifest)."""
+    return {"rules": asdict(LayerParams())}
+
+
+def measure(inputs: MeasureInputs, params: LayerParams | None = None) -> dict:
+    """The measure stage: ``pred/classes`` (= the layer labels), one object per connected
+    cortex or medulla region of at least ``params.min_region_um2`` (outline, area), and the
+    report's diagnosis, scores, counts and areas."""
+    params = params or LayerParams()
+    store, areas = inputs.store, inputs.areas_mm2
+    labels = store.root["pred/labels"]
+    mpp = float(labels.attrs["mpp"])
+    classes = store.root.create_array("pred/classes", shape=labels.shape, dtype="uint8",
+                                      chunks=labels.chunks, fill_value=0, overwrite=True)
+    classes.attrs.update(dict(labels.attrs))
+    for y0, band in iter_bands(labels):
+        classes[y0:y0 + band.shape[0], :] = band
+
+    objects = []
+    for value, name in ((CORTEX, "Cortex"), (MEDULLA, "Medulla")):
+        for (y0, x0, _, _), mask in connected_components(labels, lambda b, v=value: b == v):
+            area_um2 = float(mask.sum()) * mpp * mpp
+            if area_um2 < params.min_region_um2:
+                continue
+            origin = (x0 * mpp, y0 * mpp)
+            outline = max(polygons_from_mask(mask, mpp, origin, simplify_um=2 * mpp),
+                          key=lambda p: p["area_um2"])
+            ys, xs = np.nonzero(mask)
+            objects.append({
+                "name": name, "kind": name.lower(), "color": COLORS[value],
+                "polygon_um": np.round(outline["polygon_um"], 1).tolist(),
+                "centroid_um": [round(origin[0] + (xs.mean() + 0.5) * mpp, 1),
+                                round(origin[1] + (ys.mean() + 0.5) * mpp, 1)],
+                "measurements": {"area_um2": round(area_um2, 1),
+                                 "area_mm2": round(area_um2 / 1e6, 5)}})
+    result = score(areas["cortex"], areas["medulla"], params)
+    return result | {
+        "counts": {"cortex_regions": sum(o["kind"] == "cortex" for o in objects),
+                   "medulla_regions": sum(o["kind"] == "medulla" for o in objects)},
+        "areas_mm2": dict(areas),
+        "objects": objects,
+    }
