@@ -20,7 +20,7 @@ import warnings
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from wsi_pipeline.models import ARCHITECTURES, build_model, count_parameters
+from wsi_pipeline.models import build_model, count_parameters
 
 PX = 512
 PAPER = {"encoder_name": "resnet34", "encoder_depth": 5,
@@ -63,7 +63,7 @@ def main() -> None:
     for config, base, batch, repeats in (("demo", {}, args.batch, args.repeats),
                                          ("paper", PAPER, args.paper_batch, 1)):
         params = {}
-        for arch in ARCHITECTURES:
+        for arch in ("m2cf_net", "unet", "hooknet"):
             torch.manual_seed(0)
             model = build_model(arch, **base, **(PAPER_EXTRA.get(arch, {}) if base else {}))
             model.eval()

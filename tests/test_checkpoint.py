@@ -141,7 +141,7 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"do not fit architecture unet\(.*of another shape"):
         load_checkpoint(path, task="fls")
     edit_sidecar(path, architecture="transunet")
-    with pytest.raises(CheckpointError, match=r"'transunet' is unknown \(known: hooknet"):
+    with pytest.raises(CheckpointError, match=r"'transunet' is unknown \(known: .*hooknet"):
         load_checkpoint(path, task="fls")
     edit_sidecar(path, architecture="unet", arch_kwargs={"encoder_depth": 3, "colour": "red"})
     with pytest.raises(CheckpointError, match=r"cannot build unet\(colour="):

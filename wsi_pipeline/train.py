@@ -416,9 +416,10 @@ def make_loss(spec: Any, family: str = "cnn") -> tuple[str, Callable[..., torch.
                                                   valid=v))
     if kind == "hybrid":
         return (f"L_s: hybrid CE + Dice ({family})",
-                lambda z, t, v: losses.hybrid_loss(z, target_index(t), family=family,
-                                                   class_weights=weights.to(z.device),
-                                                   valid=v))
+                # CNNs: class-weighted CE + Dice; Transformers: 0.5 plain CE + 0.5 Dice
+                lambda z, t, v: losses.hybrid_loss(
+                    z, target_index(t), family=family, valid=v,
+                    class_weights=weights.to(z.device) if family == "cnn" else None))
     raise UsageError(f"unknown loss {kind!r}; choose bce_dice, joint or hybrid")
 
 
@@ -649,6 +650,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="synthetic mouse section size in pixels at 1.0 um/px")
     p.add_argument("--mouse-fraction", type=float, default=0.5,
                    help="share of training patches from mouse slides when there are both")
+    p.add_argument("--stage", choices=("pretrain", "finetune"),
+                   help="mesangial: SimCLR pretraining on glomerulus crops, or fine-tuning "
+                        "the M0/M1 classifier (default finetune)")
+    p.add_argument("--init", type=Path, metavar="CKPT",
+                   help="mesangial finetune: start from this SimCLR (pretrain) checkpoint")
+    p.add_argument("--labels-per-class", type=int, default=0, metavar="K",
+                   help="mesangial finetune: use at most K labelled glomeruli per class")
+    p.add_argument("--tau", type=float, default=0.5, help="SimCLR NT-Xent temperature")
     p.add_argument("--loss", choices=("auto", "bce_dice", "joint", "hybrid"), default="auto",
                    help="training loss (default: the task's; kidney-layer: joint L_t)")
     return p
@@ -669,6 +678,13 @@ def _main(argv: list[str]) -> int:
     if task.model is None:
         print(f"wsi-train: task {task.name} has no trainer in this version", file=sys.stderr)
         return 2
+    if args.stage and task.name != "mesangial":
+        raise UsageError("--stage is for the mesangial task (SimCLR pretrain / finetune)")
+    if task.name == "mesangial":
+        from .run import resolve_device
+        from .train_crops import run_stage
+
+        return run_stage(args, argv, torch.device(resolve_device(args.device)), say)
     if args.loss != "auto":
         task = replace(task, model=replace(task.model, loss=args.loss))
     if args.synth_mouse and task.name != "kidney-layer":

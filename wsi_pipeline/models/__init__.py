@@ -5,7 +5,10 @@ concentric patches of the same pixel size around one centre, level i covering
 2**levels[i] times the finest field of view, finest first -- and returns logits
 (B, classes, H, W) over the finest patch. Each model normalises its own input and exposes
 ``levels`` (pyramid levels it needs, 0 = working MPP), ``classes``, ``arch`` (its registry
-name) and ``arch_kwargs`` (every argument ``build_model`` needs to rebuild it).
+name) and ``arch_kwargs`` (every argument ``build_model`` needs to rebuild it). Segmenters may
+expose ``family`` ("cnn" or "transformer", which picks the loss recipe); none means "cnn".
+The `mesangial` models (``simclr``, ``glomerulus_classifier``) are image-level: they take
+(B, 3, H, W) (or (B, 1, 3, H, W)) and return (B, classes) -- projections or the M1 logit.
 """
 
 from __future__ import annotations
@@ -17,14 +20,21 @@ from torch import nn
 from ..errors import UsageError
 from .baselines import HookNet, UNet
 from .m2cf_net import M2CFNet
+from .segmentation import DeepLabV3Plus, Segformer
+from .simclr import GlomerulusClassifier, SimCLR
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "m2cf_net": M2CFNet,
     "unet": UNet,
     "hooknet": HookNet,
+    "deeplabv3plus": DeepLabV3Plus,
+    "segformer": Segformer,
+    "simclr": SimCLR,
+    "glomerulus_classifier": GlomerulusClassifier,
 }
 
-__all__ = ["ARCHITECTURES", "HookNet", "M2CFNet", "UNet", "build_model", "count_parameters"]
+__all__ = ["ARCHITECTURES", "DeepLabV3Plus", "GlomerulusClassifier", "HookNet", "M2CFNet",
+           "Segformer", "SimCLR", "UNet", "build_model", "count_parameters"]
 
 
 def build_model(arch: str, **kwargs) -> nn.Module:
