@@ -234,7 +234,9 @@ def apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     parser.set_defaults(**defaults)
 
 
-DEMO_SLIDES = {"fls": {"label": "positive", "seed": 1, "width": 12000, "height": 9000}}
+DEMO_SLIDES = {"fls": {"label": "positive", "seed": 1, "width": 12000, "height": 9000},
+               "kidney-layer": {"label": "adequate", "seed": 1, "width": 16000, "height": 8000},
+               "mesangial": {"label": "M1", "seed": 1, "width": 16000, "height": 8000}}
 
 
 def demo_slide(task: str) -> Path:

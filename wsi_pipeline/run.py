@@ -117,6 +117,9 @@ def _run_stages(slide: Slide, path: str | Path, task: TaskSpec, slide_id: str,
                            "fingerprint": fingerprint, "log": log, "slide_id": slide_id,
                            "out_dir": out_dir}
     results: dict[str, Any] = {}
+    if opts.until in MODEL_STAGES:   # a wrong or unreadable checkpoint fails before the work
+        _model(ctx)
+        _classifier(ctx)
     upstream = checksum(fingerprint, slide.mpp, slide.backend, __version__)
     for stage in upto:
         params = _STAGE_PARAMS[stage](ctx)

@@ -36,8 +36,8 @@ from scipy.stats import mannwhitneyu
 
 from .errors import UsageError
 from .models.simclr import classifier_input, images_to_tensor, simclr_view
+from .tasks.mesangial import INPUT_PX
 
-INPUT_PX = 256          # classifier input: the 512 px crop at 1 um/px
 VIEW_PX = 224           # SimCLR views
 PRETRAIN_TASK = "mesangial-pretrain"
 Log = Callable[[str], None]
