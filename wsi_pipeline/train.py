@@ -654,7 +654,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mesangial: SimCLR pretraining on glomerulus crops, or fine-tuning "
                         "the M0/M1 classifier (default finetune)")
     p.add_argument("--init", type=Path, metavar="CKPT",
-                   help="mesangial finetune: start from this SimCLR (pretrain) checkpoint")
+                   help="start from this checkpoint: the task's own (fine-tuning, e.g. the "
+                        "detector on a lab's tiles), or for mesangial finetune a SimCLR "
+                        "(pretrain) one")
     p.add_argument("--labels-per-class", type=int, default=0, metavar="K",
                    help="mesangial finetune: use at most K labelled glomeruli per class")
     p.add_argument("--tau", type=float, default=0.5, help="SimCLR NT-Xent temperature")
@@ -805,6 +807,14 @@ def _build(task: TaskSpec, args: argparse.Namespace, opts: TrainOptions
     kwargs["classes"] = len(task.model.classes)
     arch = args.arch or task.model.arch
     torch.manual_seed(opts.seed)
+    if args.init:
+        from .checkpoint import load_checkpoint
+
+        model, meta = load_checkpoint(args.init, task=task.checkpoint_task(task.model))
+        if args.arch or args.encoder or kwargs != {"classes": len(task.model.classes)}:
+            raise UsageError("--init takes the architecture from the checkpoint: drop --arch, "
+                             "--encoder and --arch-kwargs")
+        return model.train(), dict(meta["arch_kwargs"])
     try:
         model = build_model(arch, **kwargs)
     except (TypeError, ValueError, KeyError, RuntimeError) as exc:

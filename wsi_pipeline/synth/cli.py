@@ -1,10 +1,12 @@
 """`wsi-synth`: write a synthetic slide with its ground truth.
 
     wsi-synth --task fls --out out/fls_001.svs --seed 1 --positive --pen
+    wsi-synth --task kidney-layer --species mouse --out out/mouse_001.svs --mpp 2
 
 Defaults per task: fls 12000 x 9000 px, kidney-layer and mesangial 16000 x 8000 px, all at
-0.5 um/px (20x). Expected failures print one line `wsi-synth: error: ...` on stderr and
-exit non-zero (2 = usage); no traceback.
+0.5 um/px (20x); a mouse kidney-layer slide covers 11 x 7 mm at the chosen MPP (22000 x
+14000 px at 0.5 um/px). Expected failures print one line `wsi-synth: error: ...` on stderr
+and exit non-zero (2 = usage); no traceback.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "adequate|inadequate, mesangial M0|M1 (default: drawn from the seed)")
     g.add_argument("--positive", action="store_true", help="fls: FS >= 1; mesangial: M1")
     g.add_argument("--negative", action="store_true", help="fls: FS < 1; mesangial: M0")
+    p.add_argument("--species", choices=("human", "mouse"),
+                   help="kidney-layer only: human needle cores (default) or a whole mouse "
+                   "kidney section")
     p.add_argument("--pen", action="store_true", help="add a marker-pen stroke")
     p.add_argument("--fold", action="store_true", help="add a tissue fold")
     p.add_argument("--workers", type=int, metavar="N",
@@ -63,6 +68,8 @@ def run(argv: list[str] | None = None) -> dict:
     get_spec(args.task)
     if args.workers is not None and args.workers < 0:
         raise UsageError("--workers must be >= 0")
+    if args.species is not None and args.task != "kidney-layer":
+        raise UsageError(f"--species applies to --task kidney-layer only, not {args.task!r}")
     progress = None
     if not args.quiet and sys.stderr.isatty():
         from functools import partial
@@ -72,7 +79,8 @@ def run(argv: list[str] | None = None) -> dict:
         progress = partial(tqdm, unit="tile", leave=False, dynamic_ncols=True)
     truth = write_slide(args.task, args.out, width=args.width, height=args.height,
                         mpp=args.mpp, seed=args.seed, label=_label(args), pen=args.pen,
-                        fold=args.fold, workers=args.workers, progress=progress)
+                        fold=args.fold, workers=args.workers, progress=progress,
+                        species=args.species)
     if not args.quiet:
         gen = truth["generator"]
         key = next(iter(truth["scores"]), None)

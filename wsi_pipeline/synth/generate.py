@@ -215,23 +215,35 @@ def write_slide(task: str, path: str | os.PathLike, *, width: int | None = None,
                 height: int | None = None, mpp: float | None = None, seed: int = 0,
                 label: str | None = None, pen: bool = False, fold: bool = False,
                 workers: int | None = None, progress: Callable | None = None,
-                tile: int = TILE_PX, quality: int = JPEG_QUALITY) -> dict:
+                tile: int = TILE_PX, quality: int = JPEG_QUALITY,
+                species: str | None = None) -> dict:
     """Write a synthetic slide (Aperio SVS) and its truth; return the truth dict.
 
     task: 'fls', 'kidney-layer' or 'mesangial'; width/height in level-0 pixels and mpp in
     um/px (defaults per task); label: a true diagnosis label the task accepts (e.g.
     'positive', 'M1'), None = drawn from the seed; workers: rendering processes (default:
-    up to 2, inline for small slides); progress: a tqdm-like factory or None.
+    up to 2, inline for small slides); progress: a tqdm-like factory or None;
+    species: kidney-layer only, 'human' (default: needle cores) or 'mouse' (a whole kidney
+    section; default size 11 x 7 mm at the given MPP).
     Writes PATH, <stem>.truth.json and <stem>.truth.zarr.
     """
     spec = get_spec(task)
-    width = int(width or spec.default_size_px[0])
-    height = int(height or spec.default_size_px[1])
     mpp = float(mpp or spec.default_mpp)
-    if width < 64 or height < 64:
-        raise UsageError(f"slide size {width}x{height} px is too small (at least 64x64)")
     if not 0.05 <= mpp <= 20:
         raise UsageError(f"mpp {mpp} um/px is outside the plausible range 0.05-20")
+    default_size = spec.default_size_px
+    build_kw = {}
+    if species is not None:
+        if task != "kidney-layer":
+            raise UsageError(f"species applies to task kidney-layer only, not {task!r}")
+        from . import kidney
+
+        default_size = kidney.default_size_px(species, mpp)
+        build_kw = {"species": species}
+    width = int(width or default_size[0])
+    height = int(height or default_size[1])
+    if width < 64 or height < 64:
+        raise UsageError(f"slide size {width}x{height} px is too small (at least 64x64)")
     if label is not None and label not in spec.labels:
         raise UsageError(f"label {label!r} is not valid for task {task!r}; choose one of "
                          f"{', '.join(spec.labels)}")
@@ -244,14 +256,15 @@ def write_slide(task: str, path: str | os.PathLike, *, width: int | None = None,
     with _single_thread_blas():
         try:
             return _write(spec, task, path, json_path, zarr_path, width, height, mpp, seed,
-                          label, pen, fold, workers, progress, tile, quality)
+                          label, pen, fold, workers, progress, tile, quality, build_kw)
         except OSError as e:
             raise OutputNotWritable(f"cannot write {path}: {e.strerror or e}") from e
 
 
 def _write(spec, task, path, json_path, zarr_path, width, height, mpp, seed, label, pen, fold,
-           workers, progress, tile, quality) -> dict:
-    scene = spec.build(task, int(seed), width, height, mpp, label, bool(pen), bool(fold))
+           workers, progress, tile, quality, build_kw) -> dict:
+    scene = spec.build(task, int(seed), width, height, mpp, label, bool(pen), bool(fold),
+                       **build_kw)
     n_tiles = -(-width // tile) * -(-height // tile)
     if workers is None:
         workers = min(2, os.cpu_count() or 1) if n_tiles > 64 else 0
@@ -297,6 +310,7 @@ def _write(spec, task, path, json_path, zarr_path, width, height, mpp, seed, lab
 
     truth = {
         "task": task,
+        **({"species": part["species"]} if "species" in part else {}),
         "diagnosis": part["diagnosis"],
         "scores": part["scores"],
         "counts": part["counts"],

@@ -1,6 +1,9 @@
-"""Synthetic PAS-stained kidney needle biopsies for `kidney-layer` and `mesangial`.
+"""Synthetic PAS-stained kidney sections for `kidney-layer` and `mesangial`.
 
-Scene (sizes in um, from standard renal histology; human by default, see `Species`):
+Human needle biopsies (both tasks) and whole mouse kidney sections (`kidney-layer` with
+species "mouse", see `build_mouse` below for its anatomy).
+
+Human scene (sizes in um, from standard renal histology, see `Species`):
 - needle cores: long bands (~0.6-1.1 mm wide) along a gently curved centreline; each core
   has a cortical part and a medullary part, split at a wavy corticomedullary junction;
 - cortex: packed convoluted tubules (polygonal profiles ~45 um: PAS-magenta basement
@@ -20,16 +23,18 @@ mesangial area holds > 3 mesangial cells; M1 when more than half of the glomerul
 hypercellular, else M0; a biopsy with >= 8 glomeruli is adequate. Normocellular
 glomeruli here have 1-3 cells in every area; hypercellular ones 4-7 in most areas.
 
-Label legend: see `LEGEND`; cortex area = cortex + glomeruli labels; tissue = label not
-in {background, pen}.
+Label legend: see `LEGEND`; human cortex area = cortex + glomeruli labels; mouse slides use
+the mouse layer labels 8-11 (glomeruli inside mouse_cortex); tissue = label not in
+{background, pen}.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from ..errors import UsageError
 from . import scene as sc
 from .common import (
     SlideBase,
@@ -41,24 +46,36 @@ from .common import (
 )
 
 LEGEND = {0: "background", 1: "cortex", 2: "medulla", 3: "glomerulus",
-          4: "glomerulus_hypercellular", 7: "pen"}
+          4: "glomerulus_hypercellular", 7: "pen", 8: "mouse_cortex", 9: "mouse_outer_stripe",
+          10: "mouse_inner_stripe", 11: "mouse_inner_medulla"}
 CORTEX_LABELS = (1, 3, 4)
+MOUSE_LAYER_LABELS = (8, 9, 10, 11)  # capsule inwards: cortex, outer/inner stripe, inner medulla
+TISSUE_CLASSES = (1, 2, 3, 4) + MOUSE_LAYER_LABELS
 HYPERCELLULAR_MIN_CELLS = 4  # > 3 mesangial cells in a mesangial area
 
 
 @dataclass(frozen=True)
 class Species:
-    """Size parameters of a species' kidney (um); mouse can be added as another profile."""
+    """Size parameters of a species' kidney (um)."""
 
     name: str = "human"
     glomerulus_diameter_um: tuple[float, float] = (150.0, 250.0)
-    tubule_spacing_um: float = 46.0
+    tubule_spacing_um: float = 46.0  # cortical convoluted tubule profiles
     medulla_tubule_period_um: float = 40.0
     core_width_um: tuple[float, float] = (650.0, 1100.0)
     glomeruli_per_mm2_cortex: float = 2.8
+    glom_loop_um: float = 12.0  # capillary-loop cell size in the tuft
+    glom_gap_scale: float = 1.0  # width of the urinary space relative to human
 
 
 HUMAN = Species()
+# mouse [standard murine histology]: convoluted tubule profiles ~30-35 um, glomeruli 70-90 um;
+# ~11 glomerular profiles per mm2 of cortex (~12,000 glomeruli in ~90 mm3 of cortex, 3 um
+# sections); medulla_tubule_period_um unused (the mouse medulla has its own layer specs)
+MOUSE = Species(name="mouse", glomerulus_diameter_um=(70.0, 90.0), tubule_spacing_um=33.0,
+                medulla_tubule_period_um=30.0, core_width_um=(0.0, 0.0),
+                glomeruli_per_mm2_cortex=11.0, glom_loop_um=9.0, glom_gap_scale=0.45)
+SPECIES = {"human": HUMAN, "mouse": MOUSE}
 
 
 @dataclass
@@ -102,6 +119,7 @@ class KidneyScene(SlideBase):
     cores: list = field(default_factory=list)
     core_index: sc.SpatialIndex | None = None
     glom: Glomeruli | None = None
+    section: MouseSection | None = None  # mouse: the whole-kidney section (cores unused)
 
 
 # ----------------------------------------------------------------------------- macro fields
@@ -109,7 +127,10 @@ class KidneyScene(SlideBase):
 
 def macro_fields(s: KidneyScene, X, Y) -> dict:
     """Fields at points (um): tissue signed distance, cortex (um past the junction, > 0 =
-    cortex), s_um / v_um: arc length and lateral offset along the nearest core's axis."""
+    cortex), s_um / v_um: arc length and lateral offset along the nearest core's axis.
+    Mouse sections: see `mouse_fields`."""
+    if s.section is not None:
+        return mouse_fields(s, X, Y)
     X = np.asarray(X, np.float32)
     Y = np.asarray(Y, np.float32)
     x0, x1, y0, y1 = float(X.min()), float(X.max()), float(Y.min()), float(Y.max())
@@ -145,6 +166,8 @@ def _glom_rho(g: Glomeruli, i: int, X, Y):
 
 def label_tile(s: KidneyScene, x0_um: float, y0_um: float, px_um: float, size: int):
     """Label map (size, size) uint8 at `px_um` um/px with top-left corner (x0_um, y0_um)."""
+    if s.section is not None:
+        return _label_tile_mouse(s, x0_um, y0_um, px_um, size)
     lab = np.zeros((size, size), np.uint8)
     x1, y1 = x0_um + size * px_um, y0_um + size * px_um
     if len(s.core_index.query(x0_um, y0_um, x1, y1)):
@@ -303,12 +326,12 @@ def _glomerulus(s: KidneyScene, i: int, X, Y, x0, y0, nuc):
     caps_w = 2.2 / R
     capsule = sc.smoothstep(1.0 - caps_w - 0.01, 1.0 - caps_w, rho) * sc.smoothstep(
         1.0, 0.985, rho)
-    tuft_r = (1.0 - (8.0 + 5.0 * (i % 3)) / R) * (
+    tuft_r = (1.0 - (8.0 + 5.0 * (i % 3)) * s.species.glom_gap_scale / R) * (
         1.0 + 0.035 * np.cos(g.lobes[i] * theta + g.phase[i])
         + 0.03 * np.cos(3 * theta + 2.0 * g.phase[i]))
     tuft = sc.smoothstep(tuft_r + 0.01, tuft_r - 0.01, rho)
-    # capillary loops: small Worley cells (~9 um)
-    gc = 12.0
+    # capillary loops: small Worley cells (~9 um in human)
+    gc = s.species.glom_loop_um
     fx = (X - g.x[i]) * np.float32(1 / gc) + 1000.0
     fy = (Y - g.y[i]) * np.float32(1 / gc) + 1000.0
     t = sc.cell_table(s.seed + 400 + i, fx, fy, 0.38, n_extra=2)
@@ -365,6 +388,9 @@ def render_tile(s: KidneyScene, x0_px: int, y0_px: int, size: int) -> np.ndarray
 
 def _paint_tissue(s: KidneyScene, F, x0_px, y0_px, size, X, Y, rng, cH, cP):
     """Fill stain concentrations of cortex, medulla and glomeruli into cH, cP (in place)."""
+    if s.section is not None:
+        _paint_mouse(s, F, x0_px, y0_px, size, X, Y, rng, cH, cP)
+        return
     mpp = s.mpp
     x0, y0 = x0_px * mpp, y0_px * mpp
     x1, y1 = x0 + size * mpp, y0 + size * mpp
@@ -383,6 +409,14 @@ def _paint_tissue(s: KidneyScene, F, x0_px, y0_px, size, X, Y, rng, cH, cP):
         cH[med] = h[med]
         cP[med] = p[med]
         nuc[med] = mnuc[med]
+    _paint_glomeruli(s, x0, y0, x1, y1, size, X, Y, cH, cP, nuc)
+    cP *= 1.0 - 0.35 * np.clip(nuc, 0, 1)
+    np.maximum(cH, nuc, out=cH)
+
+
+def _paint_glomeruli(s: KidneyScene, x0, y0, x1, y1, size, X, Y, cH, cP, nuc) -> None:
+    """Composite the glomeruli touching the tile (um box) over cH, cP and nuc (in place)."""
+    mpp = s.mpp
     g = s.glom
     for i in (g.index.query(x0, y0, x1, y1) if len(g.x) else ()):
         R = float(g.r[i]) * 1.05
@@ -395,8 +429,6 @@ def _paint_tissue(s: KidneyScene, F, x0_px, y0_px, size, X, Y, rng, cH, cP):
         cH[rs, cs] += (h - cH[rs, cs]) * cover
         cP[rs, cs] += (p - cP[rs, cs]) * cover
         nuc[rs, cs] = nuc[rs, cs] * (1 - cover) + gn[rs, cs] * cover
-    cP *= 1.0 - 0.35 * np.clip(nuc, 0, 1)
-    np.maximum(cH, nuc, out=cH)
 
 
 # ----------------------------------------------------------------------------- scene build
@@ -427,8 +459,15 @@ def _place_cores(rng, W, H, species: Species, cortex_share) -> list[Core]:
 
 
 def build(task: str, seed: int, width_px: int, height_px: int, mpp: float,
-          label: str | None, pen: bool, fold: bool) -> KidneyScene:
-    """Build a kidney scene; `label`: kidney-layer adequate|inadequate, mesangial M0|M1."""
+          label: str | None, pen: bool, fold: bool, species: str = "human") -> KidneyScene:
+    """Build a kidney scene; `label`: kidney-layer adequate|inadequate, mesangial M0|M1.
+
+    species: "human" (needle cores) or "mouse" (a whole kidney section, kidney-layer only).
+    """
+    if species not in SPECIES:
+        raise UsageError(f"unknown species {species!r}; choose one of {', '.join(SPECIES)}")
+    if species == "mouse":
+        return build_mouse(task, seed, width_px, height_px, mpp, label, pen, fold)
     rng = np.random.default_rng([seed, 2202])
     stains = sc.perturbed_stains(rng, sc.PAS_VECTORS, ("hematoxylin", "pas"))
     W, H = width_px * mpp, height_px * mpp
@@ -514,17 +553,22 @@ def build(task: str, seed: int, width_px: int, height_px: int, mpp: float,
     return s
 
 
-def _mesangium(rng, g: Glomeruli, i: int) -> None:
-    """Mesangial areas (stalk regions of the tuft lobes) and their cells for glomerulus i."""
+def _mesangium(rng, g: Glomeruli, i: int, fracs=(0.3, 0.58), min_r_um: float = 9.0,
+               min_sep_um: float = 4.8) -> None:
+    """Mesangial areas (stalk regions of the tuft lobes) and their cells for glomerulus i.
+
+    fracs: radial positions of the areas along each lobe (fraction of the capsule radius);
+    min_r_um: smallest area radius; min_sep_um: least distance between mesangial nuclei.
+    """
     R = float(g.r[i])
     lobes = int(g.lobes[i])
     areas, radii = [], []
     for k in range(lobes):
         th = g.phase[i] / lobes + k * 2 * np.pi / lobes + rng.uniform(-0.2, 0.2)
-        for frac in (0.3, 0.58):
+        for frac in fracs:
             d = frac * R * rng.uniform(0.9, 1.1)
             areas.append((g.x[i] + np.cos(th) * d, g.y[i] + np.sin(th) * d))
-            radii.append(max(9.0, R * rng.uniform(0.085, 0.11)))
+            radii.append(max(min_r_um, R * rng.uniform(0.085, 0.11)))
     areas_xy = np.array(areas, np.float32)
     radii = np.array(radii, np.float32)
     if g.hyper[i]:
@@ -542,7 +586,7 @@ def _mesangium(rng, g: Glomeruli, i: int) -> None:
             a = rng.uniform(0, 2 * np.pi)
             d = ar * 0.85 * np.sqrt(rng.random())
             p = (ax + np.cos(a) * d, ay + np.sin(a) * d)
-            if all(np.hypot(p[0] - q[0], p[1] - q[1]) > 4.8 for q in pts):
+            if all(np.hypot(p[0] - q[0], p[1] - q[1]) > min_sep_um for q in pts):
                 pts.append(p)
         cells.extend(pts)
     # recount per area from the placed cells (a crowded area may hold fewer than asked)
@@ -556,10 +600,584 @@ def _mesangium(rng, g: Glomeruli, i: int) -> None:
     g.hyper[i] = bool(per_area.max(initial=0) >= HYPERCELLULAR_MIN_CELLS)
 
 
+# ----------------------------------------------------------------------------- mouse section
+#
+# A whole mouse kidney section (sagittal/coronal, through the hilum), built in the "papilla
+# frame": origin at the papilla tip, w along the axis from the tip towards the convex border,
+# u across it, psi = atan2(u, w) (0 on the axis, +-pi towards the hilum). The outline is a
+# bean (~9-10 x 5-6 mm) with a hilum notch, stored as the tip-to-capsule distance R(psi).
+# Layers [standard murine anatomy] are concentric from the capsule inwards, by depth =
+# (R(psi) - r) cos(alpha) (alpha: angle between the ray and the capsule normal, so depth is
+# close to the perpendicular distance to the capsule):
+# - cortex (1.08-1.2 mm): convoluted tubules (~33 um profiles), glomeruli (70-90 um, ~11 per
+#   mm2) and medullary rays (bundles of straight tubules running on from the outer stripe);
+# - outer stripe of the outer medulla (0.37-0.44 mm): dense straight proximal tubules (S3)
+#   with a thick PAS-magenta brush border, some thick limbs and collecting ducts;
+# - inner stripe (0.59-0.71 mm): thick ascending limbs (paler, no brush border), collecting
+#   ducts (pale cuboidal), vascular bundles (vasa recta with red cells);
+# - inner medulla / papilla: a parabolic cone below the inner stripe whose narrower tip, the
+#   free papilla, projects into the renal pelvis: thin limbs, collecting ducts, vasa recta,
+#   abundant pale interstitium with interstitial cells lying across the tubules.
+# Medullary tubules run radially towards the papilla tip. The pelvis is a cavity round the
+# papilla tip that opens through the hilum (background), lined by urothelium. All noise is
+# in the papilla frame, so a smaller slide shows the same section's centre.
+
+MOUSE_FIELD_UM = (11000.0, 7000.0)  # default slide area (um): one whole section, centred
+R0_UM = 80.0  # radial fans: below this distance from the tip the tubule count stops halving
+_LMAX = 12  # radial fans: most halvings of the tubule spacing
+
+
+def default_size_px(species: str, mpp: float) -> tuple[int, int]:
+    """Default level-0 size (px) of a kidney-layer slide of `species` at `mpp` um/px.
+
+    Human: the task default whatever the MPP; mouse: 11 x 7 mm, a whole section.
+    """
+    if species not in SPECIES:
+        raise UsageError(f"unknown species {species!r}; choose one of {', '.join(SPECIES)}")
+    if species == "mouse":
+        return int(round(MOUSE_FIELD_UM[0] / mpp)), int(round(MOUSE_FIELD_UM[1] / mpp))
+    return LAYER_SPEC.default_size_px
+
+
+@dataclass
+class MouseSection:
+    """Geometry of a mouse kidney section in the papilla frame (lengths in um).
+
+    tip_xy: papilla tip on the slide; ex, ey: slide directions of the frame's u and w axes;
+    psi_tab/r_out/cos_a: tip-to-capsule distance and the ray/capsule-normal cosine by
+    angle; t_*: layer thicknesses; rho_um: free papilla, parabola 2 rho w > u^2;
+    im_rho_um / im_w_um: the inner-medulla cone 2 im_rho (w + im_w) > u^2 (wider than the
+    free papilla); cav_*: pelvis cavity (ellipse centre w, half axes across/along);
+    hilum_hw_um: half width of the hilum channel where it leaves the cavity (it flares
+    towards the surface); bbox: slide box (x0, y0, x1, y1) of the section.
+    """
+
+    tip_xy: tuple[float, float]
+    ex: tuple[float, float]
+    ey: tuple[float, float]
+    psi_tab: np.ndarray
+    r_out: np.ndarray
+    cos_a: np.ndarray
+    t_cortex_um: float
+    t_outer_um: float
+    t_inner_um: float
+    rho_um: float
+    im_rho_um: float
+    im_w_um: float
+    cav_w_um: float
+    cav_au_um: float
+    cav_aw_um: float
+    hilum_hw_um: float
+    bbox: tuple[float, float, float, float]
+
+    def frame(self, X, Y):
+        """(u, w) papilla-frame coordinates (um) of slide points (um)."""
+        dx = np.asarray(X, np.float32) - np.float32(self.tip_xy[0])
+        dy = np.asarray(Y, np.float32) - np.float32(self.tip_xy[1])
+        u = dx * np.float32(self.ex[0]) + dy * np.float32(self.ex[1])
+        w = dx * np.float32(self.ey[0]) + dy * np.float32(self.ey[1])
+        return u, w
+
+
+def _bean(rng):
+    """A random bean outline: implicit F(x, y) (< 0 inside; um; y towards the convex side,
+    hilum notch at the bottom centre)."""
+    a = rng.uniform(4500.0, 4950.0)
+    b = rng.uniform(2700.0, 3000.0)
+    bend = rng.uniform(0.06, 0.16)
+    dent = rng.uniform(0.4, 0.55)
+    dent_w = rng.uniform(1100.0, 1500.0)
+    amps = rng.normal(0.0, 0.012, 4)
+    phases = rng.uniform(0, 2 * np.pi, 4)
+
+    def f(x, y):
+        yb = y + bend * b * (x / a) ** 2  # the poles bend towards the hilum side
+        th = np.arctan2(yb / b, x / a)
+        mod = 1.0 + sum(amp * np.cos((k + 2) * th + ph)
+                        for k, (amp, ph) in enumerate(zip(amps, phases, strict=True)))
+        q = ((x / a) ** 2 + (yb / b) ** 2) / mod ** 2
+        return q - 1.0 + dent * np.exp(-(x / dent_w) ** 2 - ((yb + b) / (0.45 * b)) ** 2)
+
+    return f, b
+
+
+def _first_crossing(f, x0, y0, dx, dy, r_max: float, step: float = 8.0) -> np.ndarray:
+    """Distance (um) along rays from (x0, y0) in directions (dx, dy) to where the sign of f
+    first differs from its sign at the start."""
+    r = np.arange(0.0, r_max, step)
+    vals = f(x0 + dx[:, None] * r[None, :], y0 + dy[:, None] * r[None, :])
+    out = (vals >= 0) != (vals[:, :1] >= 0)
+    k = np.where(out.any(axis=1), out.argmax(axis=1), len(r) - 1)
+    k = np.maximum(k, 1)
+    rows = np.arange(len(dx))
+    v0, v1 = vals[rows, k - 1], vals[rows, k]
+    t = np.clip(-v0 / np.where(v1 - v0 == 0, 1e-9, v1 - v0), 0.0, 1.0)
+    return r[k - 1] + t * step
+
+
+def _mouse_section(rng, W: float, H: float) -> MouseSection:
+    f, b = _bean(rng)
+    # papilla tip on the mid line, 0.8-1.1 mm above the hilum notch
+    xp = rng.uniform(-150.0, 150.0)
+    notch = -b - 800.0 + _first_crossing(f, xp, -b - 800.0, np.zeros(1), np.ones(1), 3 * b)[0]
+    yp = notch + rng.uniform(800.0, 1100.0)
+    k = 1440
+    psi = np.linspace(-np.pi, np.pi, k, endpoint=False)
+    r_out = _first_crossing(f, xp, yp, np.sin(psi), np.cos(psi), 9000.0)
+    kern = np.array([1, 2, 3, 4, 3, 2, 1], float) / 16.0
+    r_out = np.convolve(np.concatenate([r_out[-3:], r_out, r_out[:3]]), kern, "valid")
+    dr = (np.roll(r_out, -1) - np.roll(r_out, 1)) / (2 * (2 * np.pi / k))
+    cos_a = np.clip(r_out / np.sqrt(r_out ** 2 + dr ** 2 + 1e-6), 0.45, 1.0)
+    cos_a = np.convolve(np.concatenate([cos_a[-3:], cos_a, cos_a[:3]]), kern, "valid")
+    # place: the outline's box centred on the slide; axis up or down the slide, tilted
+    ox, oy = xp + r_out * np.sin(psi), yp + r_out * np.cos(psi)
+    cx, cy = (ox.min() + ox.max()) / 2, (oy.min() + oy.max()) / 2
+    phi = (-np.pi / 2 if rng.random() < 0.5 else np.pi / 2) + rng.uniform(-0.1, 0.1)
+    ey = (float(np.cos(phi)), float(np.sin(phi)))
+    ex = (-ey[1], ey[0])
+
+    def to_slide(x, y):
+        return (W / 2 + (x - cx) * ex[0] + (y - cy) * ey[0],
+                H / 2 + (x - cx) * ex[1] + (y - cy) * ey[1])
+
+    sx, sy = to_slide(ox, oy)
+    tip = to_slide(xp, yp)
+    down = yp - notch  # tip to the notch (um)
+    cav_aw = rng.uniform(0.38, 0.5) * down
+    return MouseSection(
+        tip_xy=(float(tip[0]), float(tip[1])), ex=ex, ey=ey,
+        psi_tab=psi.astype(np.float64), r_out=r_out, cos_a=cos_a,
+        t_cortex_um=float(rng.uniform(1080.0, 1200.0)),
+        t_outer_um=float(rng.uniform(370.0, 440.0)),
+        t_inner_um=float(rng.uniform(590.0, 710.0)),
+        rho_um=float(rng.uniform(150.0, 210.0)), im_rho_um=float(rng.uniform(450.0, 650.0)),
+        im_w_um=float(rng.uniform(100.0, 250.0)),
+        cav_w_um=float(rng.uniform(-60.0, 40.0)), cav_au_um=float(rng.uniform(600.0, 850.0)),
+        cav_aw_um=float(cav_aw), hilum_hw_um=float(rng.uniform(280.0, 400.0)),
+        bbox=(float(sx.min()) - 50, float(sy.min()) - 50, float(sx.max()) + 50,
+              float(sy.max()) + 50),
+    )
+
+
+def mouse_fields(s: KidneyScene, X, Y) -> dict:
+    """Mouse-section fields at points (um), all float32 um:
+
+    tissue: signed distance to the tissue edge (> 0 in tissue); depth: distance below the
+    capsule; b_cortex / b_outer / b_inner: depth past the inner border of the cortex / outer
+    stripe / inner stripe (wavy borders); papilla / im_cone: signed distance to the free
+    papilla / the inner-medulla cone (> 0 inside); pelvis: signed distance into the pelvis
+    space (> 0 inside).
+    """
+    m = s.section
+    X = np.asarray(X, np.float32)
+    Y = np.asarray(Y, np.float32)
+    u, w = m.frame(X, Y)
+    r = np.sqrt(u * u + w * w)
+    psi = np.arctan2(u, w)
+    depth = (np.interp(psi, m.psi_tab, m.r_out, period=2 * np.pi) - r) * np.interp(
+        psi, m.psi_tab, m.cos_a, period=2 * np.pi)
+    eu, ew = u / m.cav_au_um, (w - m.cav_w_um) / m.cav_aw_um
+    grad = 2.0 * np.sqrt((eu / m.cav_au_um) ** 2 + (ew / m.cav_aw_um) ** 2) + 1e-6
+    cavity = (1.0 - eu * eu - ew * ew) / grad
+    below = m.cav_w_um - w
+    flare = 0.4  # the hilum widens by 0.4 um per um towards the surface (0.93 = its cosine)
+    channel = np.minimum((m.hilum_hw_um + flare * np.maximum(below, 0.0) - np.abs(u)) * 0.93,
+                         below)
+    pelvis = np.maximum(cavity, channel)
+
+    def parabola(rho, w0):  # ~ signed distance to 2 rho (w + w0) = u^2
+        return (2.0 * rho * (w + w0) - u * u) / (2.0 * np.sqrt(u * u + rho * rho))
+
+    papilla = parabola(m.rho_um, 0.0)
+    tissue = np.minimum(depth, np.maximum(papilla, -pelvis))
+    # noise in the papilla frame: the section looks the same wherever the slide puts it
+    if tissue.max() > -200:
+        tissue = tissue + 12.0 * sc.value_noise(s.seed + 1, u, w, 80.0) \
+            + 4.0 * sc.value_noise(s.seed + 2, u, w, 20.0)
+    t1 = m.t_cortex_um + 25.0 * sc.value_noise(s.seed + 801, u, w, 260.0)
+    t2 = m.t_cortex_um + m.t_outer_um + 12.0 * sc.value_noise(s.seed + 802, u, w, 300.0)
+    t3 = m.t_cortex_um + m.t_outer_um + m.t_inner_um + 30.0 * sc.value_noise(
+        s.seed + 803, u, w, 320.0)
+    f32 = np.float32
+    return {"tissue": tissue.astype(f32), "depth": depth.astype(f32),
+            "b_cortex": (depth - t1).astype(f32), "b_outer": (depth - t2).astype(f32),
+            "b_inner": (depth - t3).astype(f32), "papilla": papilla.astype(f32),
+            "im_cone": parabola(m.im_rho_um, m.im_w_um).astype(f32),
+            "pelvis": pelvis.astype(f32)}
+
+
+def mouse_layers(F: dict) -> np.ndarray:
+    """Mouse layer label (8-11, see LEGEND) wherever tissue would be, from `mouse_fields`."""
+    lab = np.where(F["b_cortex"] < 0, 8, np.where(F["b_outer"] < 0, 9, 10)).astype(np.uint8)
+    # the cone below the inner stripe, and all of it round the pelvis (near the papilla tip
+    # depth is no guide: every direction meets there)
+    lab[(F["im_cone"] > 0) & ((F["b_inner"] > 0) | (F["pelvis"] > -40.0))] = 11
+    return lab
+
+
+def _label_tile_mouse(s: KidneyScene, x0_um, y0_um, px_um, size):
+    """`label_tile` of a mouse section: layer labels 8-11 in tissue, pen 7."""
+    lab = np.zeros((size, size), np.uint8)
+    bx0, by0, bx1, by1 = s.section.bbox
+    x1, y1 = x0_um + size * px_um, y0_um + size * px_um
+    if bx0 < x1 and bx1 > x0_um and by0 < y1 and by1 > y0_um:
+        F = sc.coarse_fields(lambda gx, gy: mouse_fields(s, gx, gy), x0_um, y0_um, px_um,
+                             size, coarse_step(px_um, size))
+        tissue = F["tissue"] > 0
+        lab[tissue] = mouse_layers(F)[tissue]
+    pen_label(s, lab, x0_um, y0_um, px_um, 7)
+    return lab
+
+
+# ---- mouse medulla: fans of straight tubules converging on the papilla tip
+
+
+@dataclass(frozen=True)
+class TubuleKind:
+    """A straight medullary tubule or vessel (sizes um; stain concentrations (H, P) in OD).
+
+    lumen: lumen half width / outer half width; brush: brush-border thickness in the same
+    units (0 = none); nuc_step_um: nucleus spacing along each wall; nuc_um: nucleus semi-axes
+    along / across the tubule; rbc: probability that a segment's lumen holds red cells.
+    """
+
+    share: float
+    hw_um: tuple[float, float]
+    lumen: tuple[float, float]
+    cyto: tuple[float, float]
+    brush: float = 0.0
+    nuc_step_um: float = 8.0
+    nuc_um: tuple[float, float] = (2.7, 2.4)
+    rbc: float = 0.0
+
+
+@dataclass(frozen=True)
+class RadialLayer:
+    """Tubules of one medullary layer: mean axis spacing and segment length (um), the share
+    of segments present, tubule kinds, interstitium (H, P) concentrations."""
+
+    salt: int
+    period_um: float
+    seg_um: float
+    present: float
+    kinds: tuple[TubuleKind, ...]
+    inter: tuple[float, float]
+
+
+_S3 = TubuleKind(0.72, (13.0, 16.0), (0.06, 0.14), (0.13, 0.46), brush=0.34, nuc_step_um=10.0,
+                 nuc_um=(2.8, 2.5))
+_TAL = TubuleKind(0.6, (8.0, 10.5), (0.14, 0.24), (0.12, 0.3), nuc_step_um=7.5,
+                  nuc_um=(2.4, 2.1))
+_CD = TubuleKind(0.3, (10.0, 13.0), (0.3, 0.45), (0.06, 0.12), nuc_step_um=8.0,
+                 nuc_um=(2.7, 2.5))
+_THIN = TubuleKind(0.1, (5.0, 7.0), (0.55, 0.7), (0.04, 0.18), nuc_step_um=16.0,
+                   nuc_um=(3.8, 1.3))
+_VESSEL = TubuleKind(1.0, (3.0, 4.5), (0.65, 0.75), (0.04, 0.2), nuc_step_um=22.0,
+                     nuc_um=(3.5, 1.1), rbc=0.6)
+
+OUTER_STRIPE = RadialLayer(900, 28.0, 320.0, 0.97, (
+    _S3, replace(_TAL, share=0.16), replace(_CD, share=0.12)), (0.07, 0.2))
+INNER_STRIPE = RadialLayer(920, 21.0, 240.0, 0.93, (_TAL, _CD, _THIN), (0.06, 0.16))
+VASA_RECTA = RadialLayer(940, 13.0, 300.0, 0.8, (_VESSEL,), (0.035, 0.09))
+INNER_MEDULLA = RadialLayer(960, 28.0, 300.0, 0.6, (
+    TubuleKind(0.45, (9.0, 15.0), (0.35, 0.5), (0.06, 0.12), nuc_step_um=8.0),
+    replace(_THIN, share=0.35), replace(_VESSEL, share=0.2, rbc=0.6)), (0.045, 0.11))
+CORTEX_RAYS = OUTER_STRIPE  # the rays' tubules continue those of the outer stripe
+BUNDLE_PERIOD_UM = 170.0  # vascular bundles of the inner stripe
+RAY_PERIOD_UM = 330.0  # medullary rays of the cortex
+
+
+def _radial_axes(seed: int, r, psi, period_um: float):
+    """Nearest tubule axis of a fan of rays from the papilla tip, at polar points (r um, psi).
+
+    The fan keeps a mean axis spacing of `period_um` at every radius: between R0 * 2^L and
+    R0 * 2^(L+1) there are m0 * 2^(L+1) axis slots; even slots are the axes of the level
+    below, odd ones start at a random radius inside the level (a tubule entering the fan).
+    Returns (key, v_um, cap_um, grow): a stable axis id (the same at every level), the
+    lateral offset from the axis, the free half width round it and the 0-1 growth of a
+    starting axis.
+    """
+    m0 = max(int(round(2 * np.pi * R0_UM / period_um)), 3)
+    rc = np.maximum(r, R0_UM)
+    lev = np.clip(np.floor(np.log2(rc / R0_UM)), 0, _LMAX - 1).astype(np.int64)
+    n = m0 * (np.int64(2) << lev)
+    step = (2 * np.pi / n).astype(np.float32)
+    jf = psi / step
+    j = np.round(jf).astype(np.int64)
+    base = R0_UM * np.exp2(lev).astype(np.float32)
+
+    def grow(jj):
+        start = base * (1.1 + 0.85 * sc.hash_uniform(seed, (jj % n) << (_LMAX - lev), 1))
+        return np.where((jj & 1) == 1, sc.smoothstep(0.0, 50.0, r - start), 1.0)
+
+    gj = grow(j)
+    a = np.where(gj > 0, j, j + np.where(jf >= j, 1, -1))
+    ga = np.where(gj > 0, gj, 1.0)
+    gap = np.minimum(2.0 - grow(a - 1), 2.0 - grow(a + 1))
+    cap = 0.5 * r * step * gap
+    key = (a % n) << (_LMAX - lev)
+    return key, r * (psi - a * step), cap, ga
+
+
+def _radial_tubules(seed: int, layer: RadialLayer, r, psi, rng, size: int):
+    """Stain concentrations (cH, cP), nuclei, tubule-wall coverage and the lateral offset
+    (um) from each pixel's tubule axis, of a radial layer."""
+    seed = seed + layer.salt
+    key, v, cap, grow = _radial_axes(seed, r, psi, layer.period_um)
+    seg = layer.seg_um
+    t = r / seg + sc.hash_uniform(seed, key, 2) + 0.25 * np.sin(
+        r * np.float32(2.1 / seg) + 6.283 * sc.hash_uniform(seed, key, 3))
+    m = np.floor(t).astype(np.int64)
+    pos = t - m
+
+    def h(k):
+        return sc.hash_uniform(seed, key, m, k)
+
+    kinds = layer.kinds
+    cum = np.cumsum([k.share for k in kinds]) / sum(k.share for k in kinds)
+    ki = np.searchsorted(cum[:-1], h(4), side="right")
+
+    def per(fn):
+        return np.array([fn(k) for k in kinds], np.float32)[ki]
+
+    pres = (h(5) < layer.present).astype(np.float32)
+    hw_lo, hw_hi = per(lambda k: k.hw_um[0]), per(lambda k: k.hw_um[1])
+    hw = np.minimum(hw_lo + (hw_hi - hw_lo) * h(6), 0.92 * cap) * np.sqrt(grow)
+    room = np.maximum(0.92 * cap - hw, 0.0)
+    # a tubule leaving the section plane: its profile narrows to nothing at the segment ends
+    prof = np.sqrt(np.clip(1.0 - (2.0 * pos - 1.0) ** 12, 0.0, 1.0))
+    hw = np.maximum(hw * prof, 0.3)
+    lum_lo, lum_hi = per(lambda k: k.lumen[0]), per(lambda k: k.lumen[1])
+    lum = lum_lo + (lum_hi - lum_lo) * h(7)
+    ph = 6.283 * sc.hash_uniform(seed, key, 9)
+    dv = v - (h(8) - 0.5) * 1.4 * room - 0.3 * room * np.sin(r * np.float32(1 / 70.0) + ph) \
+        - 0.8 * np.sin(r * np.float32(1 / 19.0) + 2.0 * ph)
+    q = np.abs(dv) / hw
+    wall = sc.smoothstep(1.04, 0.96, q) * pres
+    lumen = sc.smoothstep(lum + 0.05, lum - 0.05, q) * wall
+    tbm = sc.smoothstep(0.88, 0.96, q) * wall
+    bb = per(lambda k: k.brush)
+    brush = sc.smoothstep(lum - 0.03, lum + 0.02, q) * sc.smoothstep(
+        lum + bb + 0.04, lum + bb - 0.01, q) * (bb > 0) * wall
+    epi = wall * (1.0 - lumen)
+    grain = 1.0 + 0.2 * sc.bank_window(rng, (size, size))
+    ih, ip = layer.inter
+    cP = (epi * (per(lambda k: k.cyto[1]) * (1 - brush) + C_BRUSH_P * brush)
+          + C_TBM_P * 0.9 * tbm + ip * (1 - wall)) * grain
+    cH = (epi * per(lambda k: k.cyto[0]) + ih * (1 - wall)) * grain
+    rbc = (h(10) < per(lambda k: k.rbc)) * lumen
+    cP += 0.55 * rbc
+    cH += 0.02 * rbc
+    # nuclei in the middle of each wall, alternating between the two walls
+    side = (dv >= 0).astype(np.int64)
+    step = per(lambda k: k.nuc_step_um)
+    along = r / step + sc.hash_uniform(seed, key, 11) + 0.5 * side
+    k_n = np.round(along).astype(np.int64)
+    frac = along - k_n
+    dr = np.abs(dv) - 0.5 * (1.0 + lum) * hw
+    nid = k_n * 2 + side
+    frac = frac - 0.4 * (sc.hash_uniform(seed, key, nid, 13) - 0.5)
+    size_f = 0.8 + 0.35 * sc.hash_uniform(seed, key, nid, 14)
+    qn = ((dr / per(lambda k: k.nuc_um[1])) ** 2
+          + (frac * step / per(lambda k: k.nuc_um[0])) ** 2) / (size_f * size_f)
+    keep = (sc.hash_uniform(seed, key, nid, 12) > 0.25) & (prof > 0.6)
+    nuc = sc.smoothstep(1.15, 0.75, qn) * keep * pres * sc.smoothstep(1.25, 1.05, q) * C_NUC_H
+    return cH.astype(np.float32), cP.astype(np.float32), nuc.astype(np.float32), wall, v
+
+
+def _inner_stripe(seed: int, r, psi, rng, size: int):
+    """Inner stripe: thick limbs and collecting ducts between vascular bundles."""
+    cH, cP, nuc, _, _ = _radial_tubules(seed, INNER_STRIPE, r, psi, rng, size)
+    kb, vb, _, _ = _radial_axes(seed + 950, r, psi, BUNDLE_PERIOD_UM)
+    bw = 26.0 + 20.0 * sc.hash_uniform(seed + 950, kb, 1)
+    inb = sc.smoothstep(bw + 1.0, bw - 1.0, np.abs(vb)) * (
+        sc.hash_uniform(seed + 950, kb, 2) < 0.85)
+    if inb.any():
+        vh, vp, vn, _, _ = _radial_tubules(seed, VASA_RECTA, r, psi, rng, size)
+        cH += (vh - cH) * inb
+        cP += (vp - cP) * inb
+        nuc += (vn - nuc) * inb
+    return cH, cP, nuc
+
+
+def medullary_rays(s: KidneyScene, r, psi, b_cortex):
+    """Medullary rays: straight tubules reaching from the outer stripe into the cortex.
+
+    At polar points (r um, psi) with `b_cortex` from `mouse_fields`, returns (offset_um,
+    half_width_um): signed lateral offset from the ray's axis and its half width there (0
+    where there is no ray). A ray spans 55-85% of the cortex and narrows at its tip.
+    """
+    seed = s.seed + 995
+    key, v, _, _ = _radial_axes(seed, r, psi, RAY_PERIOD_UM)
+    reach = s.section.t_cortex_um * (0.55 + 0.3 * sc.hash_uniform(seed, key, 3))
+    hw = (28.0 + 22.0 * sc.hash_uniform(seed, key, 1)) * np.sqrt(
+        np.clip((b_cortex + reach) / 200.0, 0.0, 1.0))
+    hw = np.where(sc.hash_uniform(seed, key, 2) < 0.8, hw, 0.0)
+    return v, hw
+
+
+def _interstitial_cells(s: KidneyScene, x0, y0, size, into: np.ndarray, spacing_um: float):
+    """Interstitial cell nuclei lying across the radial tubules, max-stamped into `into`."""
+    mpp = s.mpp
+    m = s.section
+    pad = 6.0
+    xs, ys, uu = sc.jittered_points(s.seed + 970, x0 - pad, y0 - pad, x0 + size * mpp + pad,
+                                    y0 + size * mpp + pad, spacing_um, 0.8)
+    if not len(xs):
+        return
+    ang = np.arctan2(ys - m.tip_xy[1], xs - m.tip_xy[0]) + np.pi / 2 + (uu - 0.5) * 0.6
+    sc.stamp_ellipses(into, (xs - x0) / mpp, (ys - y0) / mpp, (3.2 + 1.5 * uu) / mpp,
+                      1.3 / mpp, ang, C_NUC_H * 0.9)
+
+
+def _urothelium(s: KidneyScene, x0, y0, size, into: np.ndarray):
+    """Dense small nuclei of the urothelium, max-stamped into `into` (masked by the caller)."""
+    mpp = s.mpp
+    xs, ys, uu = sc.jittered_points(s.seed + 980, x0 - 4, y0 - 4, x0 + size * mpp + 4,
+                                    y0 + size * mpp + 4, 5.5, 0.85)
+    if len(xs):
+        sc.stamp_ellipses(into, (xs - x0) / mpp, (ys - y0) / mpp, (2.5 + 0.6 * uu) / mpp,
+                          (2.0 + 0.4 * uu) / mpp, uu * 6.0, C_NUC_H * 0.95)
+
+
+def _paint_mouse(s: KidneyScene, F, x0_px, y0_px, size, X, Y, rng, cH, cP):
+    """Fill stain concentrations of a mouse-section tile into cH, cP (in place)."""
+    mpp = s.mpp
+    x0, y0 = x0_px * mpp, y0_px * mpp
+    x1, y1 = x0 + size * mpp, y0 + size * mpp
+    lay = mouse_layers(F)
+    nuc = np.zeros((size, size), np.float32)
+    u, w = s.section.frame(X, Y)
+    r = np.sqrt(u * u + w * w)
+    psi = np.arctan2(u, w)
+    if (lay == 8).any():
+        h, p = _cortex_tubules(s, x0_px, y0_px, size, X, Y, rng, nuc)
+        off, hw = medullary_rays(s, r, psi, F["b_cortex"])
+        if (np.abs(off) < hw + CORTEX_RAYS.period_um).any():
+            rh, rp, rn, _, v = _radial_tubules(s.seed, CORTEX_RAYS, r, psi, rng, size)
+            ray = np.abs(off - v) < hw  # whole tubules: their axes lie inside the ray
+            h[ray], p[ray], nuc[ray] = rh[ray], rp[ray], rn[ray]
+        sel = lay == 8
+        cH[sel], cP[sel] = h[sel], p[sel]
+        nuc[~sel] = 0.0
+    for value, paint in ((9, lambda: _radial_tubules(s.seed, OUTER_STRIPE, r, psi, rng, size)),
+                         (10, lambda: _inner_stripe(s.seed, r, psi, rng, size)),
+                         (11, lambda: _radial_tubules(s.seed, INNER_MEDULLA, r, psi, rng,
+                                                      size))):
+        sel = lay == value
+        if not sel.any():
+            continue
+        h, p, n, *rest = paint()
+        if value == 11:
+            inuc = np.zeros((size, size), np.float32)
+            _interstitial_cells(s, x0, y0, size, inuc, 13.0)
+            n = np.maximum(n, inuc * (1.0 - rest[0]))
+        cH[sel], cP[sel], nuc[sel] = h[sel], p[sel], n[sel]
+    _paint_glomeruli(s, x0, y0, x1, y1, size, X, Y, cH, cP, nuc)
+    # fibrous capsule under the surface; urothelium lining the pelvis and the papilla
+    capsule = sc.smoothstep(7.0, 3.0, F["depth"])
+    lining = (np.maximum(F["papilla"], -F["pelvis"]) < F["depth"] - 5.0) * sc.smoothstep(
+        16.0, 11.0, F["tissue"])
+    if capsule.any():
+        cH += (0.07 - cH) * capsule
+        cP += (0.5 - cP) * capsule
+        nuc *= 1.0 - capsule
+    if lining.any():
+        un = np.zeros((size, size), np.float32)
+        _urothelium(s, x0, y0, size, un)
+        cH += (0.16 - cH) * lining
+        cP += (0.2 - cP) * lining
+        nuc += (un - nuc) * lining
+    cP *= 1.0 - 0.35 * np.clip(nuc, 0, 1)
+    np.maximum(cH, nuc, out=cH)
+
+
+# ---- mouse scene build
+
+
+def build_mouse(task: str, seed: int, width_px: int, height_px: int, mpp: float,
+                label: str | None, pen: bool, fold: bool) -> KidneyScene:
+    """A whole mouse kidney section centred on the slide (kidney-layer; always adequate)."""
+    if task != "kidney-layer":
+        raise UsageError(f"species 'mouse' applies to task kidney-layer only, not {task!r}")
+    if label not in (None, "adequate"):
+        raise UsageError(f"label {label!r} is not available for a mouse section (a whole "
+                         "section always holds cortex); use 'adequate' or leave it out")
+    rng = np.random.default_rng([seed, 2203])
+    stains = sc.perturbed_stains(rng, sc.PAS_VECTORS, ("hematoxylin", "pas"))
+    W, H = width_px * mpp, height_px * mpp
+    s = KidneyScene(task=task, seed=int(seed), width_px=int(width_px), height_px=int(height_px),
+                    mpp=float(mpp), stains=stains, label="adequate", species=MOUSE)
+    s.section = _mouse_section(rng, W, H)
+    s.core_index = sc.SpatialIndex(2000.0)
+    s.core_index.insert(0, *s.section.bbox)
+    s.glom = _mouse_glomeruli(rng, s, W, H)
+    m = s.section
+    if pen:
+        psi = rng.uniform(-1.2, 1.2)
+        rr = float(np.interp(psi, m.psi_tab, m.r_out, period=2 * np.pi))
+        du, dw = np.sin(psi), np.cos(psi)
+        dx, dy = du * m.ex[0] + dw * m.ey[0], du * m.ex[1] + dw * m.ey[1]
+        edge = (m.tip_xy[0] + rr * dx, m.tip_xy[1] + rr * dy)
+        s.pen = sc.random_pen(rng, W, H, edge, float(np.arctan2(dy, dx)))
+    if fold:
+        bx0, by0, bx1, by1 = m.bbox
+        blob = sc.Blob((bx0 + bx1) / 2, (by0 + by1) / 2, (bx1 - bx0) / 3, (by1 - by0) / 3,
+                       float(np.arctan2(m.ex[1], m.ex[0])))
+        s.fold = sc.random_fold(rng, blob)
+    s.dust = sc.random_dust(rng, W, H)
+    s.options = {"species": "mouse"}
+    return s
+
+
+def _mouse_glomeruli(rng, s: KidneyScene, W: float, H: float) -> Glomeruli:
+    """Glomeruli thrown into the cortex (centres on the slide), at the species density."""
+    bx0, by0, bx1, by1 = s.section.bbox
+    bx0, by0, bx1, by1 = max(bx0, 0.0), max(by0, 0.0), min(bx1, W), min(by1, H)
+    gx, gy, gr = [], [], []
+    if bx1 > bx0 and by1 > by0:
+        n = 60000
+        cx = rng.uniform(bx0, bx1, n).astype(np.float32)
+        cy = rng.uniform(by0, by1, n).astype(np.float32)
+        F = mouse_fields(s, cx, cy)
+        rad = rng.uniform(*s.species.glomerulus_diameter_um, n) / 2
+        in_cortex = (F["tissue"] > 0) & (F["b_cortex"] < 0)
+        cortex_mm2 = float(in_cortex.mean()) * (bx1 - bx0) * (by1 - by0) / 1e6
+        target = int(rng.poisson(s.species.glomeruli_per_mm2_cortex * cortex_mm2))
+        ok = (F["tissue"] > rad + 15) & (F["b_cortex"] < -(rad + 25)) & (F["depth"] > rad + 40)
+        # not in a medullary ray (glomeruli lie in the cortical labyrinth)
+        u, w = s.section.frame(cx, cy)
+        r_c, psi_c = np.sqrt(u * u + w * w), np.arctan2(u, w)
+        off, hw = medullary_rays(s, r_c, psi_c, F["b_cortex"] + rad)
+        ok &= np.abs(off) > hw + rad + CORTEX_RAYS.period_um
+        grid: dict = {}
+        cell = 100.0
+        for x, y, r in zip(cx[ok], cy[ok], rad[ok], strict=True):
+            if len(gx) >= target:
+                break
+            i, j = int(x // cell), int(y // cell)
+            near = [k for a in (i - 1, i, i + 1) for b in (j - 1, j, j + 1)
+                    for k in grid.get((a, b), ())]
+            if all(np.hypot(x - gx[k], y - gy[k]) > r + gr[k] + 20 for k in near):
+                grid.setdefault((i, j), []).append(len(gx))
+                gx.append(float(x))
+                gy.append(float(y))
+                gr.append(float(r))
+    n = len(gx)
+    g = Glomeruli(np.array(gx, np.float32), np.array(gy, np.float32), np.array(gr, np.float32),
+                  np.zeros(n, bool), rng.integers(3, 5, n).astype(np.float32),
+                  rng.uniform(0, 2 * np.pi, n).astype(np.float32))
+    for i in range(n):
+        _mesangium(rng, g, i, fracs=(0.42,), min_r_um=5.5, min_sep_um=4.0)
+    g.index = sc.build_index(g.x, g.y, g.r * 1.05, 1000.0)
+    return g
+
+
 # ----------------------------------------------------------------------------- truth
 
 
 def _areas(areas: dict) -> tuple[float, float, float]:
+    """(cortex, medulla, tissue) in mm2 of a human slide from its label areas."""
     cortex = sum(areas.get(LEGEND[k], 0.0) for k in CORTEX_LABELS)
     medulla = areas.get("medulla", 0.0)
     tissue = sum(v for k, v in areas.items() if k not in ("background", "pen"))
@@ -578,10 +1196,13 @@ def _glom_objects(s: KidneyScene) -> list[dict]:
 
 def truth_layer(s: KidneyScene, areas: dict) -> dict:
     """kidney-layer truth: cortex/medulla areas, cortex fraction, adequacy = cortex present."""
+    if s.section is not None:
+        return _truth_mouse(s, areas)
     cortex, medulla, tissue = _areas(areas)
     adequate = cortex > 0
     n = len(s.glom.x)
     return {
+        "species": s.species.name,
         "diagnosis": {"label": "adequate" if adequate else "inadequate", "adequate": adequate},
         "scores": {"cortex_fraction": round(cortex / (cortex + medulla), 5)
                    if cortex + medulla > 0 else 0.0},
@@ -592,6 +1213,32 @@ def truth_layer(s: KidneyScene, areas: dict) -> dict:
     }
 
 
+def _truth_mouse(s: KidneyScene, areas: dict) -> dict:
+    """Mouse kidney-layer truth: the four layer areas, cortex fraction, glomeruli, papilla."""
+    layers = {LEGEND[k]: areas.get(LEGEND[k], 0.0) for k in MOUSE_LAYER_LABELS}
+    cortex = layers["mouse_cortex"]
+    medulla = sum(v for k, v in layers.items() if k != "mouse_cortex")
+    tissue = sum(v for k, v in areas.items() if k not in ("background", "pen"))
+    adequate = cortex > 0
+    m = s.section
+    tip = {"type": "papilla_tip", "x_um": round(m.tip_xy[0], 2), "y_um": round(m.tip_xy[1], 2),
+           "axis_deg": round(float(np.degrees(np.arctan2(m.ey[1], m.ey[0]))), 3),
+           "layer_thickness_um": {"cortex": round(m.t_cortex_um, 1),
+                                  "outer_stripe": round(m.t_outer_um, 1),
+                                  "inner_stripe": round(m.t_inner_um, 1)}}
+    return {
+        "species": "mouse",
+        "diagnosis": {"label": "adequate" if adequate else "inadequate", "adequate": adequate},
+        "scores": {"cortex_fraction": round(cortex / (cortex + medulla), 5)
+                   if cortex + medulla > 0 else 0.0},
+        "counts": {"glomeruli": len(s.glom.x)},
+        "areas_mm2": {"cortex": round(cortex, 5), "medulla": round(medulla, 5),
+                      "tissue": round(tissue, 5), "pen": round(areas.get("pen", 0.0), 5),
+                      **{k: round(v, 5) for k, v in layers.items()}},
+        "objects": _glom_objects(s) + [tip],
+    }
+
+
 def truth_mesangial(s: KidneyScene, areas: dict) -> dict:
     """mesangial truth: M0/M1 from the hypercellular fraction, adequacy = >= 8 glomeruli."""
     cortex, medulla, tissue = _areas(areas)
@@ -599,6 +1246,7 @@ def truth_mesangial(s: KidneyScene, areas: dict) -> dict:
     n_hyper = int(s.glom.hyper.sum())
     frac = n_hyper / n if n else 0.0
     return {
+        "species": s.species.name,
         "diagnosis": {"label": "M1" if frac > 0.5 else "M0", "adequate": bool(n >= 8)},
         "scores": {"hypercellular_fraction": round(frac, 5),
                    "cortex_fraction": round(cortex / (cortex + medulla), 5)
@@ -628,10 +1276,11 @@ def arrays(s: KidneyScene) -> dict:
 LAYER_SPEC = SynthSpec(
     name="kidney-layer", legend=LEGEND, labels=("adequate", "inadequate"),
     default_size_px=(16000, 8000), default_mpp=0.5, build=build, render_tile=render_tile,
-    label_tile=label_tile, truth=truth_layer, arrays=arrays, tissue_classes=(1, 2, 3, 4),
+    label_tile=label_tile, truth=truth_layer, arrays=arrays, tissue_classes=TISSUE_CLASSES,
 )
 MESANGIAL_SPEC = SynthSpec(
     name="mesangial", legend=LEGEND, labels=("M0", "M1"),
     default_size_px=(16000, 8000), default_mpp=0.5, build=build, render_tile=render_tile,
-    label_tile=label_tile, truth=truth_mesangial, arrays=arrays, tissue_classes=(1, 2, 3, 4),
+    label_tile=label_tile, truth=truth_mesangial, arrays=arrays,
+    tissue_classes=TISSUE_CLASSES,
 )
