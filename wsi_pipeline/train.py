@@ -646,7 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synth-mouse", type=int, default=0, metavar="M",
                    help="kidney-layer: also write M synthetic mouse kidney sections (seeds "
                         f"from {SYNTH_MOUSE_SEED}) for cross-species training")
-    p.add_argument("--mouse-size", default="12000x7000", metavar="WxH",
+    p.add_argument("--mouse-size", default="11000x7000", metavar="WxH",
                    help="synthetic mouse section size in pixels at 1.0 um/px")
     p.add_argument("--mouse-fraction", type=float, default=0.5,
                    help="share of training patches from mouse slides when there are both")

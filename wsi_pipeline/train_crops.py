@@ -169,7 +169,9 @@ def pretrain(model: torch.nn.Module, crops: np.ndarray, opts: CropOptions,
             v1 = images_to_tensor([simclr_view(c, rng, VIEW_PX) for c in pick]).to(device)
             v2 = images_to_tensor([simclr_view(c, rng, VIEW_PX) for c in pick]).to(device)
             t0 = time.perf_counter()
-            loss = nt_xent_loss(model(v1), model(v2), tau=opts.tau)
+            # both views in one pass: they share BatchNorm statistics, as in SimCLR
+            z1, z2 = model(torch.cat([v1, v2])).chunk(2)
+            loss = nt_xent_loss(z1, z2, tau=opts.tau)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
