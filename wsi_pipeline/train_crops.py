@@ -136,6 +136,13 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float | None:
     return float(mannwhitneyu(pos, neg).statistic / (len(pos) * len(neg)))
 
 
+def balanced_accuracy(decided: np.ndarray, labels: np.ndarray) -> float | None:
+    """Mean of the recall of each class of binary ``labels`` (None without both)."""
+    if not (labels == 1).any() or not (labels == 0).any():
+        return None
+    return float((decided[labels == 1].mean() + (~decided[labels == 0]).mean()) / 2)
+
+
 @dataclass(frozen=True)
 class CropOptions:
     epochs: int = 20
@@ -245,17 +252,25 @@ def finetune(model: torch.nn.Module, train: CropSet, val: CropSet | None, opts: 
             loss.backward()
             optimiser.step()
             losses.append(float(loss.detach()))
-        score = auc(predict(model, val.crops, device), val.labels) if val else None
+        p = predict(model, val.crops, device) if val else None
+        score = auc(p, val.labels) if val else None
+        # AUC ignores the threshold the task applies (0.5): ties go to the epoch whose
+        # decisions at 0.5 are right most often (balanced accuracy)
+        bacc = balanced_accuracy(p >= 0.5, val.labels) if val else None
         history.append({"epoch": epoch, "loss": round(float(np.mean(losses)), 4),
-                        "val_auc": None if score is None else round(score, 4)})
+                        "val_auc": None if score is None else round(score, 4),
+                        "val_balanced_accuracy": None if bacc is None else round(bacc, 4)})
         log(f"finetune epoch {epoch}/{opts.epochs}  loss {history[-1]['loss']:.4f}  "
-            f"val AUC {'-' if score is None else f'{score:.4f}'}")
-        key = score if score is not None else float(epoch)
+            f"val AUC {'-' if score is None else f'{score:.4f}'}  balanced accuracy "
+            f"{'-' if bacc is None else f'{bacc:.4f}'}")
+        key = (score or 0.0, bacc or 0.0) if val else (float(epoch), 0.0)
         if best is None or key > best[0]:
             best = (key, epoch, copy.deepcopy(model.state_dict()))
     assert best is not None
     model.load_state_dict(best[2])
-    return {"val_auc": history[best[1] - 1]["val_auc"], "best_epoch": best[1],
+    return {"val_auc": history[best[1] - 1]["val_auc"],
+            "val_balanced_accuracy": history[best[1] - 1]["val_balanced_accuracy"],
+            "best_epoch": best[1],
             "train_labels": {"M0": int((y == 0).sum()), "M1": int((y == 1).sum())},
             "val_glomeruli": int(len(val.labels)) if val else 0,
             "seconds": round(time.perf_counter() - started, 1), "history": history}
