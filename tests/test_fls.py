@@ -17,7 +17,7 @@ from wsi_pipeline.tasks.fls import FOCUS
 
 # Seeds 300+ are never used for training (the demo cohort uses wsi-train's own seeds).
 HELD_OUT = {"pos": (301, "positive"), "neg": (302, "negative")}
-SIZE = (8000, 6000)
+SIZE = (6000, 4500)
 
 
 @pytest.fixture(scope="module")
