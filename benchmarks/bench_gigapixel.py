@@ -1,8 +1,10 @@
-"""Gigapixel benchmark (issue 6, section 7): the full ``wsi-run --task fls`` on synthetic
-SIZE x SIZE slides, per stage, against the physical floor of merely reading the same tiles.
+"""Gigapixel benchmark (issue 6, section 7): the full ``wsi-run --task TASK`` (default fls)
+on synthetic SIZE x SIZE slides, per stage, against the physical floor of merely reading
+the same tiles.
 
     python benchmarks/bench_gigapixel.py --sizes 10000 100000 [--mpp 0.25] [--out DIR]
-        [--model network|classical] [--device auto] [--workers 2] [--seed 5]
+        [--task fls|kidney-layer|mesangial] [--model network|classical] [--device auto]
+        [--workers 2] [--seed 5]
 
 For each size:
 
@@ -53,15 +55,19 @@ MIB = 2**20
 
 
 # -- synthesis -------------------------------------------------------------------------------
-def synth(out: Path, size: int, mpp: float, seed: int) -> tuple[Path, float | None]:
-    """The slide ``out/fls_SIZE.svs`` and the seconds it took to write (None: reused)."""
-    path = out / f"fls_{size}.svs"
+SYNTH_LABEL = {"fls": "positive", "kidney-layer": "adequate", "mesangial": "M1"}
+
+
+def synth(out: Path, size: int, mpp: float, seed: int, task: str = "fls"
+          ) -> tuple[Path, float | None]:
+    """The slide ``out/TASK_SIZE.svs`` and the seconds it took to write (None: reused)."""
+    path = out / f"{task.replace('-', '_')}_{size}.svs"
     if path.exists() and path.with_suffix(".truth.json").exists():
         return path, None
     t0 = time.perf_counter()
-    subprocess.run([str(BIN / "wsi-synth"), "--task", "fls", "--out", str(path), "--seed",
+    subprocess.run([str(BIN / "wsi-synth"), "--task", task, "--out", str(path), "--seed",
                     str(seed), "--width", str(size), "--height", str(size), "--mpp", str(mpp),
-                    "--positive", "--quiet"], check=True)
+                    "--label", SYNTH_LABEL[task], "--quiet"], check=True)
     return path, time.perf_counter() - t0
 
 
@@ -172,8 +178,9 @@ def run_pipeline(slide: Path, run_out: Path, args: argparse.Namespace) -> dict:
     """Run ``wsi-run`` on ``slide`` once, fresh; its figures and report."""
     folder = run_out / slide.stem  # the slide id of a plain file name is its stem
     shutil.rmtree(folder, ignore_errors=True)  # no stale manifest for the sampler to read
-    cmd = [str(BIN / "wsi-run"), str(slide), "--task", "fls", "--out", str(run_out),
-           "--model", args.model, "--device", args.device, "--workers", str(args.workers),
+    cmd = [str(BIN / "wsi-run"), str(slide), "--task", args.task, "--out", str(run_out),
+           *(["--model", args.model] if args.task == "fls" else []),
+           "--device", args.device, "--workers", str(args.workers),
            "--force", "--quiet"]
     t0 = time.perf_counter()
     child = subprocess.Popen(cmd)
@@ -196,14 +203,15 @@ def run_pipeline(slide: Path, run_out: Path, args: argparse.Namespace) -> dict:
             "gpu": gpu}
 
 
-def floor_read_seconds(slide: Path, folder: Path, backend: str, workers: int) -> float:
+def floor_read_seconds(slide: Path, folder: Path, backend: str, workers: int,
+                       task_name: str = "fls") -> float:
     """Seconds to read every tissue tile of the run's store at the task MPP, nothing else."""
     import zarr
 
     from wsi_pipeline.slide import open_slide
     from wsi_pipeline.tasks import get_task
 
-    task = get_task("fls")
+    task = get_task(task_name)
     tiles = zarr.open_group(str(folder / "store.zarr"), mode="r")["tiles"][...]
     s = open_slide(slide, backend=backend)
     try:
@@ -231,13 +239,14 @@ def path_bytes(path: Path) -> tuple[int, int]:
 
 
 def measure_size(size: int, args: argparse.Namespace) -> dict:
-    slide, synth_s = synth(args.out, size, args.mpp, args.seed)
+    slide, synth_s = synth(args.out, size, args.mpp, args.seed, args.task)
     print(f"{size} x {size}: " + (f"synthesised {slide.name} in {synth_s:.1f} s"
                                   if synth_s is not None else f"reusing {slide.name}"),
           flush=True)
-    run = run_pipeline(slide, args.out / f"run_{args.model}_{size}", args)
+    run = run_pipeline(slide, args.out / f"run_{args.task}_{args.model}_{size}", args)
     report, folder = run.pop("report"), run.pop("folder")
-    floor_s = floor_read_seconds(slide, folder, report["provenance"]["backend"], args.workers)
+    floor_s = floor_read_seconds(slide, folder, report["provenance"]["backend"], args.workers,
+                                 args.task)
     slide_bytes = sum(path_bytes(p)[0] for p in
                       (slide, slide.with_suffix(".truth.json"), slide.with_suffix(".truth.zarr")))
     outputs = {name: path_bytes(folder / name) for name in OUTPUT_FILES}
@@ -251,7 +260,7 @@ def measure_size(size: int, args: argparse.Namespace) -> dict:
            "infer_device": inference.get("device"), "windows": inference.get("windows"),
            "windows_per_s": inference.get("windows_per_s"),
            "diagnosis": report["diagnosis"]["label"],
-           "focus_score": report["scores"].get("focus_score")}
+           "score": next(iter(report["scores"].items()), (None, None))}
     print(f"  wall {row['wall_s']:.1f} s, floor {floor_s:.1f} s, peak RSS "
           f"{row['rss_tree_peak'] / MIB:.0f} MiB (tree) / {row['rss_max_process'] / MIB:.0f} MiB"
           f" (largest process), {row['tiles']} tissue tiles", flush=True)
@@ -259,7 +268,7 @@ def measure_size(size: int, args: argparse.Namespace) -> dict:
 
 
 # -- printing --------------------------------------------------------------------------------
-def print_table(rows: list[dict], mpp: float, model: str) -> None:
+def print_table(rows: list[dict], mpp: float, model: str, task: str = "fls") -> None:
     stages = [s for s in STAGES if any(s in r["stages_s"] for r in rows)]
     mem_stages = ["start", *STAGES, "report"]
     mem_stages = [s for s in mem_stages if any(s in r["rss_tree_by_stage"] for r in rows)]
@@ -292,7 +301,7 @@ def print_table(rows: list[dict], mpp: float, model: str) -> None:
     for name in OUTPUT_FILES:
         add(f"{name} MB", lambda r, n=name: mb(r["output_bytes"][n]))
     add("store.zarr files", str, "store_files")
-    add("diagnosis / FS", lambda r: f"{r['diagnosis']} / {r['focus_score']}")
+    add("diagnosis / score", lambda r: f"{r['diagnosis']} / {r['score'][0]} {r['score'][1]}")
     if any(r["windows_per_s"] for r in rows):
         add("infer windows/s", lambda r: f"{r['windows_per_s']} ({r['infer_device']})")
     if any(r["gpu"] for r in rows):
@@ -301,7 +310,7 @@ def print_table(rows: list[dict], mpp: float, model: str) -> None:
         add("GPU MiB max", lambda r: f"{max(g['mem_max_mib'] for g in r['gpu'].values()):.0f}"
             if r["gpu"] else "-")
 
-    print(f"\nwsi-run --task fls --model {model}, slides at {mpp} um/px")
+    print(f"\nwsi-run --task {task} --model {model}, slides at {mpp} um/px")
     head = ["size px", *[f"{r['size']}^2" for r in rows]]
     width = max(len(label) for label, _ in lines + [(head[0], [])])
     cols = [max(len(c) for c in [h, *(v[i] for _, v in lines)]) for i, h in enumerate(head[1:])]
@@ -346,6 +355,7 @@ def main() -> None:
                     help="slide edges in pixels (default 10000 100000)")
     ap.add_argument("--mpp", type=float, default=0.25, help="slide um/px (default 0.25, 40x)")
     ap.add_argument("--out", type=Path, default=Path("bench-out/gigapixel"))
+    ap.add_argument("--task", default="fls", choices=tuple(SYNTH_LABEL))
     ap.add_argument("--model", default="network", choices=("network", "classical"))
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--workers", type=int, default=2)
@@ -354,7 +364,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
 
     rows = [measure_size(size, args) for size in args.sizes]
-    print_table(rows, args.mpp, args.model)
+    print_table(rows, args.mpp, args.model, args.task)
     print_ratios(rows)
     results = args.out / "gigapixel.json"
     results.write_text(json.dumps({"mpp": args.mpp, "model": args.model, "device": args.device,
