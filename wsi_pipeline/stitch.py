@@ -144,6 +144,28 @@ def tissue_band(tissue: np.ndarray, tissue_mpp: float, y0: int, shape: tuple[int
     return tissue[np.ix_(rows, cols)]
 
 
+def thumbnail_tissue(store) -> tuple[np.ndarray, float]:
+    """The tissue stage's mask as a boolean thumbnail-sized array (small) and its MPP."""
+    mask = store.root["tissue/mask"]
+    return np.asarray(mask) == 1, float(mask.attrs["mpp"])
+
+
+def new_label_map(store, name: str, like: zarr.Array, legend: dict[int, str],
+                  copy: bool = False) -> zarr.Array:
+    """``name`` in ``store``: a (H, W) uint8 label map on the grid and chunks of ``like``
+    ((C, H, W) probabilities or another (H, W) map), attrs ``mpp`` and ``legend``; zeros,
+    or with ``copy`` a band-by-band copy of ``like`` (a 2-D map)."""
+    height, width = like.shape[-2:]
+    out = store.root.create_array(name, shape=(height, width), dtype="uint8",
+                                  chunks=like.chunks[-2:], fill_value=0, overwrite=True)
+    out.attrs.update({"mpp": float(like.attrs["mpp"]),
+                      "legend": {str(k): v for k, v in legend.items()}})
+    if copy:
+        for y0, band in iter_bands(like):
+            out[y0:y0 + band.shape[0], :] = band
+    return out
+
+
 def iter_bands(array: zarr.Array, band_px: int | None = None):
     """Yield (y0, band) over a 2-D or (C, H, W) zarr array in row bands of ``band_px``
     rows (default: the chunk height), full width — bounded memory for slide-sized maps."""

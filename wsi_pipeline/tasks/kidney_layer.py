@@ -17,7 +17,13 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..export import polygons_from_mask
-from ..stitch import connected_components, iter_bands, tissue_band
+from ..stitch import (
+    connected_components,
+    iter_bands,
+    new_label_map,
+    thumbnail_tissue,
+    tissue_band,
+)
 from ..store import SlideStore
 from . import MeasureInputs, ModelSpec, TaskSpec
 
@@ -82,13 +88,9 @@ def stitch(store: SlideStore, params: LayerParams) -> dict:
     ``pred/prob`` and the tissue mask; returns the area of each layer in mm2."""
     prob = store.root["pred/prob"]
     mpp = float(prob.attrs["mpp"])
-    mask = store.root["tissue/mask"]
-    tissue_mpp = float(mask.attrs["mpp"])
-    tissue_lowres = np.asarray(mask) == 1
+    tissue_lowres, tissue_mpp = thumbnail_tissue(store)
     _, height, width = prob.shape
-    labels = store.root.create_array("pred/labels", shape=(height, width), dtype="uint8",
-                                      chunks=prob.chunks[1:], fill_value=0, overwrite=True)
-    labels.attrs.update({"mpp": mpp, "legend": {str(k): v for k, v in LEGEND.items()}})
+    labels = new_label_map(store, "pred/labels", prob, LEGEND)
     counts = np.zeros(len(LEGEND), np.int64)
     for y0, band in iter_bands(prob):
         h = band.shape[1]
@@ -134,11 +136,7 @@ def measure(inputs: MeasureInputs, params: LayerParams | None = None) -> dict:
     store, areas = inputs.store, inputs.areas_mm2
     labels = store.root["pred/labels"]
     mpp = float(labels.attrs["mpp"])
-    classes = store.root.create_array("pred/classes", shape=labels.shape, dtype="uint8",
-                                      chunks=labels.chunks, fill_value=0, overwrite=True)
-    classes.attrs.update(dict(labels.attrs))
-    for y0, band in iter_bands(labels):
-        classes[y0:y0 + band.shape[0], :] = band
+    new_label_map(store, "pred/classes", labels, LEGEND, copy=True)
 
     objects = []
     for value, name in ((CORTEX, "Cortex"), (MEDULLA, "Medulla")):

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ..stitch import iter_bands, tissue_band
+from ..stitch import iter_bands, new_label_map, thumbnail_tissue, tissue_band
 from ..store import SlideStore
 from . import MeasureInputs, ModelSpec, TaskSpec
 from .glomeruli import GlomerulusParams, detector_at, find_glomeruli, read_crops
@@ -61,14 +61,10 @@ def stitch(store: SlideStore, params: MesangialParams) -> dict:
     (detector probability >= the threshold) inside tissue; areas in mm2."""
     prob = store.root["pred/prob"]
     mpp = float(prob.attrs["mpp"])
-    mask = store.root["tissue/mask"]
-    tissue_mpp = float(mask.attrs["mpp"])
-    tissue_lowres = np.asarray(mask) == 1
+    tissue_lowres, tissue_mpp = thumbnail_tissue(store)
     _, height, width = prob.shape
     cut = GlomerulusParams().threshold * 255
-    labels = store.root.create_array("pred/labels", shape=(height, width), dtype="uint8",
-                                      chunks=prob.chunks[1:], fill_value=0, overwrite=True)
-    labels.attrs.update({"mpp": mpp, "legend": {str(k): v for k, v in LEGEND.items()}})
+    labels = new_label_map(store, "pred/labels", prob, LEGEND)
     tissue_px = candidate_px = 0
     for y0, band in iter_bands(prob):
         h = band.shape[1]
@@ -141,9 +137,7 @@ def measure(inputs: MeasureInputs, params: MesangialParams | None = None) -> dic
         raise ValueError("the mesangial task needs its glomerulus classifier")
     p_hyper = classify(inputs.classifier, crops, inputs.device, inputs.batch_size)
 
-    classes = store.root.create_array("pred/classes", shape=labels.shape, dtype="uint8",
-                                      chunks=labels.chunks, fill_value=0, overwrite=True)
-    classes.attrs.update(dict(labels.attrs))
+    classes = new_label_map(store, "pred/classes", labels, LEGEND)
     objects = []
     for g, p in zip(glomeruli, p_hyper, strict=True):
         hyper = bool(p >= params.hypercellular_p)
