@@ -11,7 +11,10 @@ import torch.nn.functional as F
 
 from wsi_pipeline.models.losses import (
     KIDNEY_CLASS_WEIGHTS,
+    complementary_loss,
+    complementary_matrix,
     dice_loss,
+    focal_ce_loss,
     hybrid_loss,
     joint_loss,
     kidney_class_weights,
@@ -171,3 +174,92 @@ def test_gradients_are_finite_even_for_extreme_logits():
     a = torch.randn(5, 8, generator=g).requires_grad_()
     (grad,) = torch.autograd.grad(nt_xent_loss(a, a + 0.01), a)
     assert torch.isfinite(grad).all()
+
+
+# --- liver: complementary labels (models.md §3) ---------------------------------------------
+
+def _pixels(*p: tuple[float, float, float]) -> torch.Tensor:
+    """Logits (1, 3, 1, n) whose softmax is exactly the given class probabilities."""
+    return torch.tensor(p).log().T[None, :, None, :]
+
+
+def test_complementary_matrix():
+    assert complementary_matrix(3).tolist() == [[0, 1, 1], [1, 0, 1], [1, 1, 0]]
+    assert complementary_matrix(3, excluded_only=False).tolist() == [
+        [0, 0.5, 0.5], [0.5, 0, 0.5], [0.5, 0.5, 0]]
+    with pytest.raises(ValueError):
+        complementary_matrix(1)
+
+
+def test_complementary_loss_by_hand():
+    # one pixel, p = (0.2, 0.5, 0.3), complementary label 1 ("not class 1"), gamma 2
+    z, y = _pixels((0.2, 0.5, 0.3)), torch.tensor([1])
+    # special Q: q = p0 + p2 = 1 - p1 = 0.5; L = -(0.5)^2 ln 0.5 = 0.173287
+    assert complementary_loss(z, y, complementary_matrix(3)).item() == pytest.approx(
+        0.25 * math.log(2), abs=1e-6)
+    # uniform Q: q = (0.2 + 0.3) / 2 = 0.25; L = -(0.75)^2 ln 0.25 = 0.779791
+    assert complementary_loss(z, y, complementary_matrix(3, False)).item() == pytest.approx(
+        0.779791, abs=1e-6)
+    # a general Q: column 1 = (0.7, 0, 0.6) -> q = 0.7*0.2 + 0.6*0.3 = 0.32;
+    # L = -(0.68)^2 ln 0.32 = 0.4624 * 1.139434 = 0.526874
+    q = torch.tensor([[0.0, 0.7, 0.3], [0.5, 0.0, 0.5], [0.4, 0.6, 0.0]])
+    assert complementary_loss(z, y, q).item() == pytest.approx(0.526874, abs=1e-6)
+    # gamma 0: plain -ln q = ln 2
+    assert complementary_loss(z, y, complementary_matrix(3), gamma=0.0).item() == pytest.approx(
+        math.log(2), abs=1e-6)
+    # clipping: p = (1, e^-100, e^-100) -> (1 - 1e-5, 1e-5, 1e-5); "not class 0":
+    # q = 2e-5, L = -(1 - 2e-5)^2 ln 2e-5 = 10.819345 (finite)
+    far = torch.tensor([100.0, 0.0, 0.0]).view(1, 3, 1, 1)
+    assert complementary_loss(far, torch.tensor([0]), complementary_matrix(3)).item() == \
+        pytest.approx(10.819345, abs=1e-3)
+
+
+def test_complementary_loss_special_case_and_reduction():
+    # special Q gives q = 1 - p_excluded for every complementary label
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 4, 3, 3, generator=g)
+    y = torch.tensor([3, 1])
+    p = torch.softmax(z, 1).clamp(1e-5, 1 - 1e-5)
+    q = 1 - p[torch.arange(2), y]  # (2, 3, 3)
+    expected = (-(1 - q) ** 2 * q.log()).mean()
+    assert complementary_loss(z, y, complementary_matrix(4)).item() == pytest.approx(
+        expected.item(), abs=1e-6)
+    # reduction: mean over patches of the per-patch mean over valid pixels.
+    # patch 0, "not 1": (0.2, 0.5, 0.3) -> q 0.5, L 0.173287; (0.25, 0.25, 0.5) -> q 0.75,
+    #   L = 0.0625 * ln(4/3) = 0.017980; patch mean 0.095633
+    # patch 1, "not 0": (0.5, 0.2, 0.3) -> q 0.5, L 0.173287; its 2nd pixel is not valid
+    # patch 2: no valid pixel, does not count
+    # -> (0.095633 + 0.173287) / 2 = 0.134460 (all valid pixels pooled would give 0.121518)
+    z = torch.cat([_pixels((0.2, 0.5, 0.3), (0.25, 0.25, 0.5)),
+                   _pixels((0.5, 0.2, 0.3), (0.9, 0.05, 0.05)),
+                   _pixels((0.1, 0.1, 0.8), (0.1, 0.1, 0.8))])
+    valid = torch.tensor([[[1, 1]], [[1, 0]], [[0, 0]]])
+    loss = complementary_loss(z, torch.tensor([1, 0, 2]), complementary_matrix(3), valid=valid)
+    assert loss.item() == pytest.approx(0.134460, abs=1e-6)
+    none = complementary_loss(z, torch.tensor([1, 0, 2]), complementary_matrix(3),
+                              valid=torch.zeros(3, 1, 2))
+    assert none.item() == 0.0
+    with pytest.raises(ValueError, match="outside"):
+        complementary_loss(z, torch.tensor([1, 0, 3]), complementary_matrix(3))
+    with pytest.raises(ValueError, match="Q must be"):
+        complementary_loss(z, torch.tensor([1, 0, 2]), complementary_matrix(4))
+
+
+def test_complementary_gradient_step_lowers_the_excluded_class():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 3, 4, 4, generator=g).requires_grad_()
+    y = torch.tensor([2, 0])
+    before = torch.softmax(z, 1)[torch.arange(2), y].detach()
+    complementary_loss(z, y, complementary_matrix(3)).backward()
+    assert torch.isfinite(z.grad).all()
+    with torch.no_grad():
+        after = torch.softmax(z - 1.0 * z.grad, 1)[torch.arange(2), y]
+    assert (after < before).all()
+
+
+def test_focal_ce_loss_by_hand():
+    # -(1 - p)^2 ln p per pixel: 0.9 -> 0.01 * 0.105361; 0.8 -> 0.04 * 0.223144;
+    # 0.6 -> 0.16 * 0.510826; 0.1 -> 0.81 * 2.302585; mean = 1.956805 / 4 = 0.489201
+    assert focal_ce_loss(logits(), TARGET).item() == pytest.approx(0.489201, abs=1e-6)
+    assert focal_ce_loss(logits(), TARGET, gamma=0.0).item() == pytest.approx(
+        F.cross_entropy(logits(), TARGET).item(), abs=1e-6)

@@ -2,9 +2,9 @@
 ``summary.csv``.
 
 A PATH is a slide, a folder (``recursive`` descends), a glob pattern (``slides/*.svs``,
-``**`` descends), a CSV list (a ``path`` column, optional ``mpp`` and ``slide_id``
-columns; relative paths are relative to the list) or a URL. A bad PATH becomes a failed
-job, so the batch goes on with the others.
+``**`` descends), a CSV list (a ``path`` column, optional ``mpp``, ``slide_id`` and
+``patient_id`` columns; relative paths are relative to the list) or a URL. A bad PATH
+becomes a failed job, so the batch goes on with the others.
 """
 
 from __future__ import annotations
@@ -35,25 +35,33 @@ if TYPE_CHECKING:  # run.py pulls in torch: not needed to list slides or write s
     from .run import RunOptions
 
 SUMMARY_FIELDS = ["slide_id", "path", "task", "status", "diagnosis", "adequate", "scores",
-                  "counts", "tissue_mm2", "tiles", "seconds", "error"]
+                  "counts", "tissue_mm2", "tiles", "seconds", "error", "patient_id"]
+CASE_FIELDS = ["patient_id", "slides", "status", "diagnosis", "hcc_fraction", "hcc_mm2",
+               "cca_mm2", "slide_ids", "error"]
 
 
 @dataclass(frozen=True)
 class Job:
     """One input of a batch: its output id, where to read it, an optional per-slide MPP
-    override, or the error that stops it before it starts."""
+    override, or the error that stops it before it starts; the patient it belongs to
+    (empty: a patient of its own)."""
 
     slide_id: str
     path: str
     mpp: float | None = None
     error: WsiError | None = None
+    patient_id: str = ""
 
 
 # -- PATHs -> jobs ---------------------------------------------------------------------------
-def expand_inputs(paths: list[str], input_kind: str = "slide", recursive: bool = False
-                  ) -> list[Job]:
-    """Jobs for every input, in the order given, with unique file-system-safe ids."""
+def expand_inputs(paths: list[str], input_kind: str = "slide", recursive: bool = False,
+                  patient_from: str = "list") -> list[Job]:
+    """Jobs for every input, in the order given, with unique file-system-safe ids.
+
+    patient_from  "list": a CSV list's ``patient_id`` column (other slides: a patient
+                  each); "folder": the name of the folder holding the slide."""
     found: list[tuple[str, str, float | None, WsiError | None]] = []  # name, path, mpp, error
+    patients: dict[int, str] = {}
     for raw in paths:
         if is_url(raw):
             found.append((_stem(raw), raw, None, None))
@@ -69,7 +77,9 @@ def expand_inputs(paths: list[str], input_kind: str = "slide", recursive: bool =
         elif not p.exists():
             found.append((_stem(p), raw, None, SlideNotFound(f"{p}: no such file or folder")))
         elif p.is_file() and p.suffix.lower() == ".csv":
-            found.extend(_read_list(p))
+            for name, path, mpp, error, patient in _read_list(p):
+                patients[len(found)] = patient
+                found.append((name, path, mpp, error))
         elif p.is_dir() and input_kind == "case" and (p / "om").is_dir():
             slides = find_slides(p / "om")  # a case is named after its folder
             found.append((p.name, str(slides[0]), None, None) if slides else
@@ -85,22 +95,29 @@ def expand_inputs(paths: list[str], input_kind: str = "slide", recursive: bool =
         else:
             found.append((_stem(p), raw, None, None))
     ids = unique_ids([name for name, *_ in found])
-    return [Job(i, path, mpp, error) for i, (_, path, mpp, error) in zip(ids, found, strict=True)]
+    jobs = []
+    for k, (slide_id, (_, path, mpp, error)) in enumerate(zip(ids, found, strict=True)):
+        patient = patients.get(k, "")
+        if patient_from == "folder" and not is_url(path):
+            patient = Path(path).parent.name
+        jobs.append(Job(slide_id, path, mpp, error, patient))
+    return jobs
 
 
-def _read_list(csv_path: Path) -> list[tuple[str, str, float | None, WsiError | None]]:
-    """Rows of a CSV slide list: ``path`` (required), ``mpp`` and ``slide_id`` (optional)."""
+def _read_list(csv_path: Path) -> list[tuple[str, str, float | None, WsiError | None, str]]:
+    """Rows of a CSV slide list: ``path`` (required), ``mpp``, ``slide_id`` and
+    ``patient_id`` (optional)."""
     try:
         text = csv_path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         return [(csv_path.stem, str(csv_path), None,
-                 InputListError(f"{csv_path}: cannot read the slide list ({exc})"))]
+                 InputListError(f"{csv_path}: cannot read the slide list ({exc})"), "")]
     reader = csv.DictReader(io.StringIO(text))
     columns = [c.strip().lower() for c in reader.fieldnames or []]
     if "path" not in columns:
         return [(csv_path.stem, str(csv_path), None, InputListError(
             f"{csv_path}: a slide list needs a 'path' column (found: "
-            f"{', '.join(columns) or 'nothing'})"))]
+            f"{', '.join(columns) or 'nothing'})"), "")]
     rows = []
     for line, record in enumerate(reader, start=2):
         record = {(k or "").strip().lower(): (v or "").strip() for k, v in record.items()}
@@ -121,10 +138,10 @@ def _read_list(csv_path: Path) -> list[tuple[str, str, float | None, WsiError | 
                     f"{PLAUSIBLE_MPP[0]}-{PLAUSIBLE_MPP[1]} um/px")
         if error is None and not is_url(path) and not Path(path).exists():
             error = SlideNotFound(f"{path}: no such file (listed in {csv_path} line {line})")
-        rows.append((name, path, mpp, error))
+        rows.append((name, path, mpp, error, record.get("patient_id", "")))
     if not rows:
         return [(csv_path.stem, str(csv_path), None,
-                 NoSlidesFound(f"{csv_path}: the slide list has no rows"))]
+                 NoSlidesFound(f"{csv_path}: the slide list has no rows"), "")]
     return rows
 
 
@@ -174,7 +191,8 @@ def run_job(job: Job, task_name: str, opts: RunOptions,
 
     task = get_task(task_name)
     row: dict[str, Any] = {f: "" for f in SUMMARY_FIELDS}
-    row.update(slide_id=job.slide_id, path=job.path, task=task.name, status="ok")
+    row.update(slide_id=job.slide_id, path=job.path, task=task.name, status="ok",
+               patient_id=job.patient_id)
     started = time.perf_counter()
     try:
         if job.error is not None:
@@ -185,7 +203,8 @@ def run_job(job: Job, task_name: str, opts: RunOptions,
                 say(f"{job.slide_id}: cleared a stale lock left by "
                     f"{describe_holder(taken['stale'])} (that process is gone)")
             report = run_slide(job.path, task, job.slide_id, job_opts, log=log)
-        row.update(report_row(report), path=job.path, _report=report)
+        row.update(report_row(report), path=job.path, patient_id=job.patient_id,
+                   _report=report)
     except WsiError as exc:
         from .errors import SlideLocked
 
@@ -254,6 +273,50 @@ def write_summary(out: Path, rows: list[dict[str, Any]]) -> None:
         writer.writeheader()
         writer.writerows(merged.values())
         atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def write_cases(out: Path, rules: Any) -> list[dict[str, Any]]:
+    """``OUT/cases.csv`` for a task with a patient-level rule (``rules.case_rule``, e.g.
+    the liver's r over all of a patient's slides): one row per patient of the merged
+    ``summary.csv`` (a slide without ``patient_id`` is a patient of its own), from the
+    ``report.json`` of its slides. A patient with a slide that has not finished gets
+    status "incomplete" and no diagnosis: a partial patient never looks complete."""
+    import json
+
+    with open(out / "summary.csv", newline="", encoding="utf-8") as f:
+        slides = list(csv.DictReader(f))
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in slides:
+        groups.setdefault(r.get("patient_id") or r["slide_id"], []).append(r)
+    cases = []
+    for patient, members in groups.items():
+        case = {f: "" for f in CASE_FIELDS}
+        case.update(patient_id=patient, slides=len(members),
+                    slide_ids=" ".join(m["slide_id"] for m in members))
+        reports, missing = [], []
+        for m in members:
+            path = out / m["slide_id"] / "report.json"
+            done = m["status"] == "ok" and path.is_file()
+            report = json.loads(path.read_text()) if done else None
+            if report and report.get("complete"):
+                reports.append(report)
+            else:
+                missing.append(m["slide_id"])
+        if missing:
+            case.update(status="incomplete",
+                        error=f"slide(s) not finished: {', '.join(missing)}")
+        else:
+            result = rules.case_rule(reports)
+            case.update(status="ok", diagnosis=result["diagnosis"],
+                        **{k: _blank(result[k]) for k in ("hcc_fraction", "hcc_mm2",
+                                                          "cca_mm2")})
+        cases.append(case)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CASE_FIELDS, extrasaction="ignore", restval="")
+    writer.writeheader()
+    writer.writerows(cases)
+    atomic_write_bytes(out / "cases.csv", buf.getvalue().encode())
+    return cases
 
 
 def summary_text(rows: list[dict[str, Any]]) -> str:

@@ -21,7 +21,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .batch import Job, expand_inputs, format_pairs, run_job, summary_text, write_summary
+from .batch import (
+    Job,
+    expand_inputs,
+    format_pairs,
+    run_job,
+    summary_text,
+    write_cases,
+    write_summary,
+)
 from .errors import OutputNotWritable, UsageError, WsiError
 from .run import STAGES, RunOptions, resolve_device
 from .slide import PLAUSIBLE_MPP
@@ -58,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2,
                    help="parallel tile workers and data-loader processes (default 2)")
     p.add_argument("--recursive", action="store_true", help="descend into sub-folders")
+    p.add_argument("--patient-from", default="list", choices=("list", "folder"),
+                   help="liver: how slides group into patients for OUT/cases.csv: a CSV "
+                        "list's patient_id column (default; other slides are a patient "
+                        "each) or the folder holding each slide")
     p.add_argument("--lock-wait", type=float, default=0.0, metavar="SECONDS",
                    help="wait this long for a slide another wsi-run is writing (default 0: "
                         "skip it and say so)")
@@ -115,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                       model=args.model, force=args.force, show_progress=interactive,
                       argv=tuple(argv))
     log = None if (args.quiet or interactive) else _log_line
-    jobs = expand_inputs(args.paths, task.input_kind, args.recursive)
+    jobs = expand_inputs(args.paths, task.input_kind, args.recursive, args.patient_from)
     say = print
     rows: list[dict[str, Any]] = []
     current = None  # the slide in progress when Ctrl-C comes
@@ -160,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     _save_summary(out, rows)
     if not args.quiet and len(rows) > 1:
         print(summary_text(rows))
+    _save_cases(out, task, quiet=args.quiet)
     bad = [r for r in rows if r["status"] in ("failed", "locked")]
     if bad and len(rows) > 1:
         print(f"{PROG}: {len(bad)} of {len(rows)} inputs did not finish; see "
@@ -175,6 +188,24 @@ def _save_summary(out: Path, rows: list[dict[str, Any]]) -> None:
     except OSError as exc:
         print(f"{PROG}: error: {out / 'summary.csv'}: cannot write ({exc.strerror or exc})",
               file=sys.stderr)
+
+
+def _save_cases(out: Path, task: Any, quiet: bool) -> None:
+    """``OUT/cases.csv`` for a task with a patient-level rule (liver), a line per patient."""
+    from .tasks import task_rules
+
+    rules = task_rules(task)
+    if not hasattr(rules, "case_rule") or not (out / "summary.csv").is_file():
+        return
+    try:
+        cases = write_cases(out, rules)
+    except OSError as exc:
+        print(f"{PROG}: error: {out / 'cases.csv'}: cannot write ({exc.strerror or exc})",
+              file=sys.stderr)
+        return
+    if not quiet:
+        print(f"{len(cases)} patient{'s' if len(cases) != 1 else ''} ({out / 'cases.csv'}): "
+              + "; ".join(f"{c['patient_id']} {c['diagnosis'] or c['status']}" for c in cases))
 
 
 @contextmanager

@@ -262,6 +262,35 @@ def mode2x2(labels: np.ndarray) -> np.ndarray:
 # -- polygons -------------------------------------------------------------------------------
 
 
+def region_objects(labels, kinds: dict[int, tuple[str, tuple[int, int, int]]],
+                   min_area_um2: float) -> list[dict[str, Any]]:
+    """One report object per connected region of each label value in ``kinds`` ({value:
+    (name, RGB colour)}) of a (H, W) zarr label map (attrs ``mpp``) of at least
+    ``min_area_um2``: name, kind (lower-case name), colour, outer outline and centroid (um),
+    area (um2 and mm2). Regions are found band by band (`stitch.connected_components`)."""
+    from .stitch import connected_components
+
+    mpp = float(labels.attrs["mpp"])
+    objects = []
+    for value, (name, color) in kinds.items():
+        for (y0, x0, _, _), mask in connected_components(labels, lambda b, v=value: b == v):
+            area_um2 = float(mask.sum()) * mpp * mpp
+            if area_um2 < min_area_um2:
+                continue
+            origin = (x0 * mpp, y0 * mpp)
+            outline = max(polygons_from_mask(mask, mpp, origin, simplify_um=2 * mpp),
+                          key=lambda p: p["area_um2"])
+            ys, xs = np.nonzero(mask)
+            objects.append({
+                "name": name, "kind": name.lower(), "color": color,
+                "polygon_um": np.round(outline["polygon_um"], 1).tolist(),
+                "centroid_um": [round(origin[0] + (xs.mean() + 0.5) * mpp, 1),
+                                round(origin[1] + (ys.mean() + 0.5) * mpp, 1)],
+                "measurements": {"area_um2": round(area_um2, 1),
+                                 "area_mm2": round(area_um2 / 1e6, 5)}})
+    return objects
+
+
 def polygons_from_mask(mask: np.ndarray, mpp: float,
                        origin_um: tuple[float, float] = (0.0, 0.0), *,
                        simplify_um: float = 0.0) -> list[dict[str, Any]]:

@@ -166,6 +166,27 @@ def new_label_map(store, name: str, like: zarr.Array, legend: dict[int, str],
     return out
 
 
+def argmax_labels(store, channels: tuple[int, ...], legend: dict[int, str],
+                  name: str = "pred/labels") -> tuple[float, np.ndarray]:
+    """The stitch stage of a region-segmentation task: ``name`` ((H, W) uint8) band by band
+    from ``pred/prob``; label i (1, 2, ...) where ``channels[i]`` is the most probable of
+    ``channels`` (``channels[0]`` the background) inside the tissue mask, else 0. Returns
+    (the map's MPP, pixel count per label (len(legend),) int64)."""
+    prob = store.root["pred/prob"]
+    mpp = float(prob.attrs["mpp"])
+    tissue_lowres, tissue_mpp = thumbnail_tissue(store)
+    width = prob.shape[-1]
+    labels = new_label_map(store, name, prob, legend)
+    counts = np.zeros(len(legend), np.int64)
+    for y0, band in iter_bands(prob):
+        h = band.shape[1]
+        band_labels = np.argmax(band[list(channels)], axis=0).astype(np.uint8)
+        band_labels[~tissue_band(tissue_lowres, tissue_mpp, y0, (h, width), mpp)] = 0
+        labels[y0:y0 + h, :] = band_labels
+        counts += np.bincount(band_labels.ravel(), minlength=len(legend))[:len(legend)]
+    return mpp, counts
+
+
 def iter_bands(array: zarr.Array, band_px: int | None = None):
     """Yield (y0, band) over a 2-D or (C, H, W) zarr array in row bands of ``band_px``
     rows (default: the chunk height), full width — bounded memory for slide-sized maps."""

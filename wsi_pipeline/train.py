@@ -137,17 +137,24 @@ class TrainSlide:
     tiles         (N, 2) (row, col) tissue tiles of the ``tile_px`` grid at level 0
     positives_px  (M, 2) (y, x) level-0 pixels inside positive annotations
     level0_hw     (H, W) of the store's level 0
+    complementary the class a weakly labelled slide's pixels cannot be (from its patient's
+                  diagnosis; no pixel annotations, ``annotations`` None), -1 = annotated
     """
 
     slide_id: str
     path: Path
     store_path: Path
-    annotations: AnnotationSource
+    annotations: AnnotationSource | None
     tiles: np.ndarray
     positives_px: np.ndarray
     level0_hw: tuple[int, int]
     tile_px: int
     species: str = "human"
+    complementary: int = -1
+
+    @property
+    def weak(self) -> bool:
+        return self.complementary >= 0
 
 
 def make_synthetic_cohort(task: TaskSpec, folder: Path, n: int, *, seed: int = SYNTH_SEED,
@@ -182,6 +189,34 @@ def make_synthetic_cohort(task: TaskSpec, folder: Path, n: int, *, seed: int = S
             log(f"synth {path.name}: {species} {label}, {time.perf_counter() - t0:.1f} s")
         paths.append(path)
     return paths
+
+
+def make_weak_cohort(task: TaskSpec, folder: Path, patients: int, annotated: int, *,
+                     seed: int = SYNTH_SEED, size_px: tuple[int, int] = SYNTH_SIZE_PX,
+                     log: Log = say) -> Path:
+    """A synthetic weak-label cohort (``wsi-synth --task liver --cohort``) in ``folder``:
+    ``patients`` patients, ``annotated`` of them with label masks; returns its
+    ``cohort.csv``. Reused when the folder already holds the same cohort."""
+    from .synth.liver import write_liver_cohort
+
+    if task.name != "liver":
+        raise UsageError(f"no synthetic weak-label cohort for task {task.name}")
+    if not 0 <= annotated <= patients:
+        raise UsageError(f"--synth-annotated {annotated}: must be in 0..{patients}")
+    csv_path = folder / "cohort.csv"
+    stamp = folder / "cohort.params.json"
+    params = {"patients": patients, "annotated": annotated, "seed": seed,
+              "size_px": list(size_px)}
+    if csv_path.is_file() and _read_json(stamp) == params:
+        log(f"synth cohort {folder}: reused")
+        return csv_path
+    t0 = time.perf_counter()
+    folder.mkdir(parents=True, exist_ok=True)
+    write_liver_cohort(folder, patients, annotated, seed, size_px[0], size_px[1])
+    stamp.write_text(json.dumps(params))
+    log(f"synth cohort {folder}: {patients} patients ({annotated} annotated), "
+        f"{time.perf_counter() - t0:.0f} s")
+    return csv_path
 
 
 def _synth_labels(task: TaskSpec) -> tuple[str, str]:
@@ -238,9 +273,11 @@ def expand_slides(items: Sequence[str | Path]) -> list[Path]:
 
 def prepare_slides(paths: Sequence[Path], task: TaskSpec, work: Path, *, workers: int = 2,
                    mpp: float | None = None, log: Log = say,
-                   ids: Sequence[str] | None = None) -> list[TrainSlide]:
+                   ids: Sequence[str] | None = None,
+                   complementary: Sequence[int] | None = None) -> list[TrainSlide]:
     """Run each slide through tissue -> stain -> pyramid into ``work/<slide_id>/store.zarr``
-    (reused when done before) and find its annotations."""
+    (reused when done before) and find its annotations; a slide whose ``complementary``
+    entry is >= 0 is weakly labelled (no annotations read)."""
     import zarr
 
     from .batch import unique_ids
@@ -248,9 +285,11 @@ def prepare_slides(paths: Sequence[Path], task: TaskSpec, work: Path, *, workers
 
     ids = list(ids) if ids is not None else unique_ids([Path(p).stem for p in paths])
     classes = positive_classes(task)
+    weak = list(complementary) if complementary is not None else [-1] * len(paths)
     out = []
-    for slide_id, path in zip(ids, paths, strict=True):
-        source = find_annotations(path, mpp=mpp)  # fail before the long work
+    for slide_id, path, comp in zip(ids, paths, weak, strict=True):
+        # fail before the long work
+        source = find_annotations(path, mpp=mpp) if comp < 0 else None
         t0 = time.perf_counter()
         report = run_slide(path, task, slide_id,
                            RunOptions(out=work, until="pyramid", workers=workers, mpp=mpp))
@@ -258,28 +297,82 @@ def prepare_slides(paths: Sequence[Path], task: TaskSpec, work: Path, *, workers
         root = zarr.open_group(str(store_path), mode="r")
         tiles = np.asarray(root["tiles"][...]).reshape(-1, 2).astype(np.int64)
         level0_hw = tuple(int(v) for v in root["image/0"].shape[1:])
-        points_um = source.positive_points_um(classes)
+        points_um = (source.positive_points_um(classes) if source is not None
+                     else np.zeros((0, 2)))
         positives = np.round(points_um[:, ::-1] / task.mpp).astype(np.int64).reshape(-1, 2)
         reused = all(t["reused"] for k, t in report["provenance"]["stage_timings"].items()
                      if k != "open")
+        kind = source.kind if source is not None else \
+            f"weak: not {task.model.classes[comp]}"
         log(f"slide {slide_id}: {len(tiles)} tissue tiles, {len(positives)} positive points "
-            f"({source.kind}), {'reused' if reused else f'{time.perf_counter() - t0:.1f} s'}")
+            f"({kind}), {'reused' if reused else f'{time.perf_counter() - t0:.1f} s'}")
         out.append(TrainSlide(slide_id, Path(path), store_path, source, tiles, positives,
-                              level0_hw, task.tile_px, _species(Path(path))))
+                              level0_hw, task.tile_px, _species(Path(path)), comp))
     return out
+
+
+def read_cohort(csv_path: Path, task: TaskSpec) -> tuple[list[Path], list[int]]:
+    """Slides of a cohort list and the complementary class of each (-1: pixel-annotated).
+
+    Columns: ``slide`` or ``path`` (relative to the list), ``diagnosis`` (a key of the
+    task's ``complementary`` map, e.g. HCC or CCA), optional ``annotated`` (1/0; without
+    it, a slide is annotated when annotations lie beside it) and ``patient_id``. A weakly
+    labelled slide's patches all carry the complementary label of its diagnosis."""
+    import csv
+
+    comp_map = task.model.complementary
+    if not comp_map:
+        raise UsageError(f"--cohort: task {task.name} does not train from weak labels")
+    try:
+        rows = list(csv.DictReader(csv_path.read_text(encoding="utf-8-sig").splitlines()))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{csv_path}: cannot read the cohort list ({exc})") from None
+    paths, comps = [], []
+    for line, row in enumerate(rows, start=2):
+        row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
+        raw = row.get("slide") or row.get("path")
+        if not raw:
+            raise UsageError(f"{csv_path} line {line}: no 'slide' (or 'path') value")
+        path = Path(raw) if Path(raw).is_absolute() else csv_path.parent / raw
+        if not path.is_file():
+            raise UsageError(f"{path}: no such slide (listed in {csv_path} line {line})")
+        annotated = row.get("annotated", "")
+        if annotated in ("1", "true", "yes"):
+            comp = -1
+        else:
+            try:
+                find_annotations(path)
+                has_annotations = annotated == ""
+            except UsageError:
+                has_annotations = False
+            if has_annotations:
+                comp = -1
+            else:
+                diagnosis = row.get("diagnosis", "").upper()
+                if diagnosis not in comp_map:
+                    raise UsageError(f"{csv_path} line {line}: diagnosis {diagnosis!r} of a "
+                                     f"slide without annotations; expected one of "
+                                     f"{', '.join(comp_map)}")
+                comp = task.model.classes.index(comp_map[diagnosis])
+        paths.append(path)
+        comps.append(comp)
+    if not paths:
+        raise UsageError(f"{csv_path}: the cohort list has no rows")
+    return paths, comps
 
 
 def split_slides(slides: Sequence[TrainSlide], val_fraction: float, seed: int
                  ) -> tuple[list[TrainSlide], list[TrainSlide]]:
     """Slide-level split, stratified by whether a slide has positive annotations, so both
     sides see positives when there are at least two positive slides. Mouse slides (the
-    cross-species helpers of kidney-layer) always train: validation is on human slides."""
+    cross-species helpers of kidney-layer) and weakly labelled slides always train:
+    validation is on pixel-annotated human slides."""
     rng = np.random.default_rng(seed)
-    train: list[TrainSlide] = [s for s in slides if s.species != "human"]
+    train: list[TrainSlide] = [s for s in slides if s.species != "human" or s.weak]
     val: list[TrainSlide] = []
     if val_fraction <= 0:
         return list(slides), []
-    human = [s for s in slides if s.species == "human"]
+    human = [s for s in slides if s.species == "human" and not s.weak]
     for group in ([s for s in human if len(s.positives_px)],
                   [s for s in human if not len(s.positives_px)]):
         order = rng.permutation(len(group))
@@ -329,14 +422,16 @@ def sample_patches(slides: Sequence[TrainSlide], n: int, patch_px: int,
 
 
 def sample_mixed(slides: Sequence[TrainSlide], n: int, patch_px: int, rng: np.random.Generator,
-                 positive_fraction: float = 0.5, mouse_fraction: float | None = None
+                 positive_fraction: float = 0.5, mouse_fraction: float | None = None,
+                 helper: Callable[[TrainSlide], bool] = lambda s: s.species == "mouse"
                  ) -> np.ndarray:
     """`sample_patches` with a fixed share of the patches (``mouse_fraction``) from the
-    mouse slides and the rest from the human ones, shuffled together, so each batch
-    mixes the species whatever the slides' sizes; plain `sample_patches` when the cohort
-    has one species or ``mouse_fraction`` is None."""
-    mouse = [i for i, s in enumerate(slides) if s.species == "mouse"]
-    human = [i for i, s in enumerate(slides) if s.species != "mouse"]
+    helper slides (by default the mouse slides; for the liver the weakly labelled ones)
+    and the rest from the others, shuffled together, so each batch mixes both whatever
+    the slides' sizes; plain `sample_patches` when the cohort has one kind or
+    ``mouse_fraction`` is None."""
+    mouse = [i for i, s in enumerate(slides) if helper(s)]
+    human = [i for i, s in enumerate(slides) if not helper(s)]
     if mouse_fraction is None or not mouse or not human:
         return sample_patches(slides, n, patch_px, rng, positive_fraction)
     n_mouse = int(round(n * mouse_fraction))
@@ -391,8 +486,13 @@ class PatchDataset(torch.utils.data.Dataset):
         s, y0, x0, _, aug_seed = (int(v) for v in self.plan[i])
         p = self.patch_px
         patch = read_context(self._levels(s), self.factors, y0, x0, p)
-        target, valid = self.slides[s].annotations.crop(x0 * self.mpp, y0 * self.mpp, p, p,
-                                                        self.mpp, self.classes)
+        source = self.slides[s].annotations
+        if source is None:  # weakly labelled: no pixel counts in the supervised loss
+            target = np.zeros((len(self.classes), p, p), np.float32)
+            valid = np.zeros((p, p), bool)
+        else:
+            target, valid = source.crop(x0 * self.mpp, y0 * self.mpp, p, p, self.mpp,
+                                        self.classes)
         if self.augment:
             patch, target, valid, _ = augment(patch, target, valid,
                                               np.random.default_rng(aug_seed), self.matrix,
@@ -426,6 +526,10 @@ def make_loss(spec: Any, family: str = "cnn") -> tuple[str, Callable[..., torch.
     if not spec.softmax or kind == "bce_dice":
         return "BCEDice", lambda z, t, v: losses.bce_dice_loss(z, t, valid=v[:, None])
     weights = torch.tensor(spec.class_weights or [1.0] * len(spec.classes))
+    if kind == "focal":
+        return (f"focal CE (gamma 2, class weights {list(weights.tolist())})",
+                lambda z, t, v: losses.weighted_focal_loss(
+                    z, target_index(t), weights.to(z.device), alpha=1.0, valid=v))
     if kind == "joint":
         return (f"L_t: weighted focal (class weights {list(weights.tolist())}) + Dice",
                 lambda z, t, v: losses.joint_loss(z, target_index(t), weights.to(z.device),
@@ -436,7 +540,7 @@ def make_loss(spec: Any, family: str = "cnn") -> tuple[str, Callable[..., torch.
                 lambda z, t, v: losses.hybrid_loss(
                     z, target_index(t), family=family, valid=v,
                     class_weights=weights.to(z.device) if family == "cnn" else None))
-    raise UsageError(f"unknown loss {kind!r}; choose bce_dice, joint or hybrid")
+    raise UsageError(f"unknown loss {kind!r}; choose bce_dice, focal, joint or hybrid")
 
 
 def confusion_matrix(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor
@@ -500,6 +604,26 @@ def evaluate(model: torch.nn.Module, loader: torch.utils.data.DataLoader,
             "recall": 1.0 if truth == 0 else tp / truth}
 
 
+def _complementary_loss(classes: int, weight: float
+                        ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """loss(logits, comp (B,), supervised) = supervised + ``weight`` * L_compl over the
+    batch's weak patches (comp >= 0), Q of models.md §3's special case (q = 1 - p_y~,
+    focal exponent 2); a term with no patches in the batch counts 0."""
+    from .models.losses import complementary_loss, complementary_matrix
+
+    q_matrix = complementary_matrix(classes)
+
+    def loss(logits: torch.Tensor, comp: torch.Tensor, supervised: torch.Tensor
+             ) -> torch.Tensor:
+        weak = comp >= 0
+        total = supervised if bool((~weak).any()) else logits.sum() * 0
+        if bool(weak.any()) and weight > 0:
+            total = total + weight * complementary_loss(logits[weak], comp[weak], q_matrix)
+        return total
+
+    return loss
+
+
 def lr_factor(step: int, total: int, warmup: int) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine decay to 5 % at ``total``."""
     if step < warmup:
@@ -521,6 +645,8 @@ class TrainOptions:
     val_patches: int = 96
     positive_fraction: float = 0.5
     mouse_fraction: float | None = None   # share of mouse patches when the cohort has both
+    weak_fraction: float = 0.5    # share of weakly labelled patches when the cohort has both
+    compl_lambda: float = 1.0     # weight of the complementary loss of the weak patches
     jitter: float = STAIN_JITTER
     workers: int = 2
     seed: int = 0
@@ -536,8 +662,17 @@ def fit(model: torch.nn.Module, task: TaskSpec, train: Sequence[TrainSlide],
     levels = tuple(getattr(model, "levels", (0,)))
     rng = np.random.default_rng(opts.seed)
     total = opts.epochs * opts.steps_per_epoch
-    plan = sample_mixed(train, total * opts.batch_size, opts.patch_px, rng,
-                        opts.positive_fraction, opts.mouse_fraction)
+    if any(s.weak for s in train):
+        plan = sample_mixed(train, total * opts.batch_size, opts.patch_px, rng,
+                            opts.positive_fraction, opts.weak_fraction, lambda s: s.weak)
+        weak_loss = _complementary_loss(len(task.model.classes), opts.compl_lambda)
+    else:
+        plan = sample_mixed(train, total * opts.batch_size, opts.patch_px, rng,
+                            opts.positive_fraction, opts.mouse_fraction)
+        weak_loss = None
+    # the complementary label of every planned patch (-1: pixel-annotated), batch by batch
+    comp_plan = torch.from_numpy(np.array([train[i].complementary for i in plan[:, 0]],
+                                          np.int64)).split(opts.batch_size)
     on_gpu = device.type == "cuda"
     loader_kw = {"num_workers": opts.workers, "pin_memory": on_gpu,
                  "prefetch_factor": 4 if opts.workers else None}
@@ -566,14 +701,19 @@ def fit(model: torch.nn.Module, task: TaskSpec, train: Sequence[TrainSlide],
         t0 = time.perf_counter()
         model.train()
         losses = []
-        for _ in range(opts.steps_per_epoch):
+        for step in range(opts.steps_per_epoch):
             x, target, valid = next(batches)
             x = to_input(x, device)
             target = target.to(device, non_blocking=on_gpu)
             valid = valid.to(device, non_blocking=on_gpu)
             with torch.autocast(device.type, dtype=amp, enabled=on_gpu):
-                logits = model(x)
-            loss = loss_fn(logits.float(), target, valid)
+                logits = model(x).float()
+            if weak_loss is None:
+                loss = loss_fn(logits, target, valid)
+            else:
+                comp = comp_plan[(epoch - 1) * opts.steps_per_epoch + step].to(device)
+                loss = weak_loss(logits, comp, loss_fn(logits[comp < 0], target[comp < 0],
+                                                       valid[comp < 0]))
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
@@ -666,6 +806,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="synthetic mouse section size in pixels at 1.0 um/px")
     p.add_argument("--mouse-fraction", type=float, default=0.5,
                    help="share of training patches from mouse slides when there are both")
+    p.add_argument("--cohort", type=Path, metavar="CSV",
+                   help="liver: a cohort list (slide, diagnosis, optional annotated and "
+                        "patient_id); slides without annotations train from their "
+                        "patient's diagnosis (complementary labels)")
+    p.add_argument("--synth-annotated", type=int, default=2, metavar="K",
+                   help="liver --synth N: N synthetic patients, K of them pixel-annotated "
+                        "(default 2), the rest with the diagnosis only")
+    p.add_argument("--weak-fraction", type=float, default=0.5,
+                   help="share of weakly labelled patches in each batch (default 0.5)")
+    p.add_argument("--compl-lambda", type=float, default=1.0,
+                   help="weight of the complementary loss; 0 leaves the weak slides out")
     p.add_argument("--stage", choices=("pretrain", "finetune"),
                    help="mesangial: SimCLR pretraining on glomerulus crops, or fine-tuning "
                         "the M0/M1 classifier (default finetune)")
@@ -676,7 +827,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels-per-class", type=int, default=0, metavar="K",
                    help="mesangial finetune: use at most K labelled glomeruli per class")
     p.add_argument("--tau", type=float, default=0.5, help="SimCLR NT-Xent temperature")
-    p.add_argument("--loss", choices=("auto", "bce_dice", "joint", "hybrid"), default="auto",
+    p.add_argument("--loss", choices=("auto", "bce_dice", "focal", "joint", "hybrid"),
+                   default="auto",
                    help="training loss (default: the task's; kidney-layer: joint L_t)")
     return p
 
@@ -710,8 +862,9 @@ def _main(argv: list[str]) -> int:
     opts = _options(args)
     synth_size = _size(args.synth_size, "--synth-size")
     mouse_size = _size(args.mouse_size, "--mouse-size")
-    if not args.data and not args.synth and not args.synth_mouse:
-        raise UsageError("nothing to train on: give --data PATH... and/or --synth N")
+    if not args.data and not args.synth and not args.synth_mouse and not args.cohort:
+        raise UsageError("nothing to train on: give --data PATH..., --cohort CSV and/or "
+                         "--synth N")
     from .run import resolve_device
 
     device = torch.device(resolve_device(args.device))
@@ -726,8 +879,16 @@ def _main(argv: list[str]) -> int:
     torch.manual_seed(opts.seed)
 
     paths = expand_slides(args.data)
+    comps = [-1] * len(paths)
     synth: dict[str, Any] | None = None
-    if args.synth:
+    cohort_csv = args.cohort
+    if args.synth and task.model.complementary:
+        cohort_csv = make_weak_cohort(task, work / "synth", args.synth, args.synth_annotated,
+                                      seed=args.synth_seed, size_px=synth_size)
+        synth = {"patients": args.synth, "annotated": args.synth_annotated,
+                 "seed": args.synth_seed, "size_px": list(synth_size), "mpp": 0.5,
+                 "cohort": str(cohort_csv), "generator": "wsi-synth"}
+    elif args.synth:
         made = make_synthetic_cohort(task, work / "synth", args.synth, seed=args.synth_seed,
                                      size_px=synth_size, workers=opts.workers)
         labels = _synth_labels(task)
@@ -735,6 +896,15 @@ def _main(argv: list[str]) -> int:
                  "labels": [labels[i % 2] for i in range(args.synth)],
                  "size_px": list(synth_size), "mpp": 0.5, "generator": "wsi-synth"}
         paths += made
+        comps += [-1] * len(made)
+    if cohort_csv is not None:
+        listed, listed_comps = read_cohort(cohort_csv, task)
+        keep = [i for i, c in enumerate(listed_comps) if c < 0 or opts.compl_lambda > 0]
+        paths += [listed[i] for i in keep]
+        comps += [listed_comps[i] for i in keep]
+        say(f"cohort {cohort_csv}: {sum(c < 0 for c in listed_comps)} pixel-annotated, "
+            f"{sum(c >= 0 for c in listed_comps)} weakly labelled slides"
+            + ("" if opts.compl_lambda > 0 else " (left out: --compl-lambda 0)"))
     if args.synth_mouse:
         paths += make_synthetic_cohort(task, work / "synth", args.synth_mouse,
                                        seed=SYNTH_MOUSE_SEED, size_px=mouse_size,
@@ -743,12 +913,13 @@ def _main(argv: list[str]) -> int:
             "n": args.synth_mouse,
             "seeds": [SYNTH_MOUSE_SEED + i for i in range(args.synth_mouse)],
             "size_px": list(mouse_size), "mpp": 1.0}}
+        comps += [-1] * args.synth_mouse
     val_paths = expand_slides(args.val) if args.val else []
     from .batch import unique_ids
 
     ids = unique_ids([p.stem for p in [*paths, *val_paths]])
     slides = prepare_slides(paths + val_paths, task, work / "stores", workers=opts.workers,
-                            mpp=args.mpp, ids=ids)
+                            mpp=args.mpp, ids=ids, complementary=comps + [-1] * len(val_paths))
     if val_paths:
         train, val = slides[:len(paths)], slides[len(paths):]
     else:
@@ -787,8 +958,11 @@ def _options(args: argparse.Namespace) -> TrainOptions:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if args.patch_px < 32 or args.patch_px % ALIGN_PX:
         raise UsageError(f"--patch-px {args.patch_px}: must be a multiple of {ALIGN_PX}, >= 32")
-    if not 0 <= args.mouse_fraction <= 1:
-        raise UsageError("--mouse-fraction must be in [0, 1]")
+    for name in ("mouse_fraction", "weak_fraction"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1]")
+    if args.compl_lambda < 0:
+        raise UsageError("--compl-lambda must be >= 0")
     if not 0 <= args.val_fraction < 1:
         raise UsageError("--val-fraction must be in [0, 1)")
     if args.workers < 0 or args.synth < 0 or not args.lr > 0:
@@ -796,7 +970,8 @@ def _options(args: argparse.Namespace) -> TrainOptions:
     return TrainOptions(epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
                         batch_size=args.batch_size, patch_px=args.patch_px, lr=args.lr,
                         val_patches=args.val_patches, workers=args.workers, seed=args.seed,
-                        mouse_fraction=args.mouse_fraction)
+                        mouse_fraction=args.mouse_fraction, weak_fraction=args.weak_fraction,
+                        compl_lambda=args.compl_lambda)
 
 
 def _size(text: str, option: str) -> tuple[int, int]:
@@ -866,7 +1041,9 @@ def _training_meta(argv: list[str], task: TaskSpec, opts: TrainOptions,
     from . import __version__
 
     def slides(group: Sequence[TrainSlide]) -> list[dict[str, Any]]:
-        return [{"id": s.slide_id, "file": s.path.name, "annotations": s.annotations.kind,
+        return [{"id": s.slide_id, "file": s.path.name,
+                 "annotations": s.annotations.kind if s.annotations is not None else
+                 f"weak: not {task.model.classes[s.complementary]}",
                  "positive_points": int(len(s.positives_px))} for s in group]
 
     return {"command": "wsi-train " + shlex.join(argv), "package_version": __version__,
@@ -885,6 +1062,9 @@ def _training_meta(argv: list[str], task: TaskSpec, opts: TrainOptions,
                           "batch_size": opts.batch_size, "epochs": opts.epochs,
                           "steps_per_epoch": opts.steps_per_epoch},
             "loss": make_loss(task.model)[0], "mouse_fraction": opts.mouse_fraction,
+            "weak_labels": ({"fraction": opts.weak_fraction, "lambda": opts.compl_lambda,
+                             "loss": "complementary (Q special case, focal exponent 2)"}
+                            if any(s.weak for s in train) else None),
             "seed": opts.seed}
 
 

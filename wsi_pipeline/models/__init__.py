@@ -9,6 +9,11 @@ name) and ``arch_kwargs`` (every argument ``build_model`` needs to rebuild it). 
 expose ``family`` ("cnn" or "transformer", which picks the loss recipe); none means "cnn".
 The `mesangial` models (``simclr``, ``glomerulus_classifier``) are image-level: they take
 (B, 3, H, W) (or (B, 1, 3, H, W)) and return (B, classes) -- projections or the M1 logit.
+The `glomerular-dx` model (``cmus_net``) is case-level: ``forward(om, im, tem, tem_mask)``
+(or one dict of those) takes the OM and IM images (B, 3, H, W), the zero-padded TEM bag
+(B, T, 3, H, W), all in [0, 1], and the bag's mask (B, T) bool (True = real image), and
+returns a dict with the fusion ``logits`` (B, classes), the per-modality logits ``om``,
+``im``, ``tem`` and the TEM instances SMIL kept (``kept``, ``weights``, ``medoid``).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from torch import nn
 
 from ..errors import UsageError
 from .baselines import HookNet, UNet
+from .cmus_net import CMUSNet
 from .m2cf_net import M2CFNet
 from .segmentation import DeepLabV3Plus, Segformer
 from .simclr import GlomerulusClassifier, SimCLR
@@ -31,10 +37,11 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "segformer": Segformer,
     "simclr": SimCLR,
     "glomerulus_classifier": GlomerulusClassifier,
+    "cmus_net": CMUSNet,
 }
 
-__all__ = ["ARCHITECTURES", "DeepLabV3Plus", "GlomerulusClassifier", "HookNet", "M2CFNet",
-           "Segformer", "SimCLR", "UNet", "build_model", "count_parameters"]
+__all__ = ["ARCHITECTURES", "CMUSNet", "DeepLabV3Plus", "GlomerulusClassifier", "HookNet",
+           "M2CFNet", "Segformer", "SimCLR", "UNet", "build_model", "count_parameters"]
 
 
 def build_model(arch: str, **kwargs) -> nn.Module:

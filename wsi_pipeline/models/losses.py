@@ -181,3 +181,64 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, tau: float = 0.5) -> torch.
                                 float("-inf"))
     positives = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
     return F.cross_entropy(logits, positives)
+
+
+# --- liver: complementary labels (models.md §3) ---------------------------------------------
+
+COMPLEMENTARY_P_CLIP = 1e-5
+
+
+def complementary_matrix(classes: int, excluded_only: bool = True) -> torch.Tensor:
+    """Transition matrix Q (classes, classes) float32, Q_kj = P(y~ = j | y = k), Q_kk = 0.
+
+    ``excluded_only``: every off-diagonal entry 1 -- the special case of models.md §3, where
+    for any complementary label y~ the loss sees q = 1 - p_y~ and only pushes the excluded
+    class down (not a stochastic matrix: rows sum to classes - 1). Otherwise uniform
+    complementary labels, 1 / (classes - 1) off the diagonal: q = (1 - p_y~) / (classes - 1).
+    """
+    if classes < 2:
+        raise ValueError(f"complementary labels need at least 2 classes, got {classes}")
+    off = 1.0 - torch.eye(classes, dtype=torch.float32)
+    return off if excluded_only else off / (classes - 1)
+
+
+def complementary_loss(logits: torch.Tensor, comp_label: torch.Tensor, Q: torch.Tensor,
+                       gamma: float = 2.0, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Complementary-label loss of weakly labelled patches (models.md §3, [code]).
+
+    Patch b carries a class it cannot be, ``comp_label`` y~_b ((B,) int64). With
+    p = softmax(``logits``) (B, K, H, W) clipped to [1e-5, 1 - 1e-5] and ``Q`` (K, K) (see
+    ``complementary_matrix``): q_b(h, w) = sum_k Q[k, y~_b] p_k(h, w) and
+    L(b) = mean over the valid pixels of patch b of -(1 - q)^gamma log q.
+    Returned: the mean of L(b) over the patches with at least one valid pixel -- every weak
+    patch weighs the same whatever its valid area [choice] (0 if none has any). ``valid``
+    (B, H, W) or broadcastable, nonzero where a pixel counts. 1 - q is clamped at 0 (q can
+    pass 1 by the clipping's 1e-5s). float32 scalar.
+    """
+    if logits.ndim != 4 or comp_label.shape != (logits.shape[0],):
+        raise ValueError(f"expected logits (B, K, H, W) and comp_label (B,), got "
+                         f"{tuple(logits.shape)} and {tuple(comp_label.shape)}")
+    k = logits.shape[1]
+    if Q.shape != (k, k):
+        raise ValueError(f"Q must be ({k}, {k}) for {k} classes, got {tuple(Q.shape)}")
+    y = comp_label.long().to(logits.device)
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= k):
+        raise ValueError(f"comp_label holds class indices outside 0..{k - 1}")
+    p = torch.softmax(logits.float(), 1).clamp(COMPLEMENTARY_P_CLIP, 1 - COMPLEMENTARY_P_CLIP)
+    cols = Q.float().to(logits.device)[:, y].T  # (B, K): column y~_b of Q for each patch
+    q = torch.einsum("bk,bkhw->bhw", cols, p)
+    loss = -(1 - q).clamp_min(0).pow(gamma) * torch.log(q)
+    v = _valid_weight(q, valid)
+    per_pixels = v.sum((1, 2))
+    counted = per_pixels > 0
+    per_patch = (loss * v).sum((1, 2)) / per_pixels.clamp_min(1.0)
+    return (per_patch * counted).sum() / counted.sum().clamp_min(1)
+
+
+def focal_ce_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0,
+                  valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Supervised focal cross entropy, mean over valid pixels of -(1 - p_y)^gamma log p_y:
+    ``weighted_focal_loss`` with unit class weights and alpha 1 (gamma 0 is plain CE).
+    ``logits`` (B, C, H, W), ``target`` (B, H, W) int64. float32 scalar."""
+    ones = torch.ones(logits.shape[1], dtype=torch.float32, device=logits.device)
+    return weighted_focal_loss(logits, target, ones, alpha=1.0, gamma=gamma, valid=valid)

@@ -4,7 +4,7 @@ reference, model and rules as a `TaskSpec`; `get_task` looks one up by its CLI n
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
@@ -27,11 +27,13 @@ class ModelSpec:
                     finest input reads (0 = the working MPP); its windows are ``tile_px``
                     pixels at that level
     checkpoint_task the task name its checkpoints carry (default: the task's own name)
-    loss            training loss: "bce_dice" (one class), "joint" (weighted focal + Dice,
-                    L_t) or "hybrid" (CE + Dice, L_s); "auto" = bce_dice for one class,
-                    else hybrid
+    loss            training loss: "bce_dice" (one class), "focal" (focal CE), "joint"
+                    (weighted focal + Dice, L_t) or "hybrid" (CE + Dice, L_s); "auto" =
+                    bce_dice for one class, else hybrid
     class_weights   per-class loss weights of a softmax model (empty: all 1)
     score_classes   classes whose mean Dice scores a validation (empty: all but 0)
+    complementary   per diagnosis, the class a weakly labelled slide of that diagnosis
+                    cannot show (its patches' complementary label; empty: no weak labels)
     """
 
     arch: str
@@ -45,6 +47,7 @@ class ModelSpec:
     loss: str = "auto"
     class_weights: tuple[float, ...] = ()
     score_classes: tuple[int, ...] = ()
+    complementary: dict[str, str] = field(default_factory=dict)
 
     @property
     def softmax(self) -> bool:

@@ -14,16 +14,8 @@ diagnosis "adequate" when cortex is present (at least ``min_cortex_mm2``), else
 
 from dataclasses import asdict, dataclass
 
-import numpy as np
-
-from ..export import polygons_from_mask
-from ..stitch import (
-    connected_components,
-    iter_bands,
-    new_label_map,
-    thumbnail_tissue,
-    tissue_band,
-)
+from ..export import region_objects
+from ..stitch import argmax_labels, new_label_map
 from ..store import SlideStore
 from . import MeasureInputs, ModelSpec, TaskSpec
 
@@ -73,31 +65,11 @@ class LayerParams:
 Params = LayerParams
 
 
-def label_band(probs: np.ndarray, tissue: np.ndarray) -> np.ndarray:
-    """(h, w) uint8 `LEGEND` labels of a band from its (7, h, w) probabilities (any
-    scale): the most probable of background / human cortex / human medulla, inside
-    ``tissue`` ((h, w) bool) only."""
-    human = probs[list(HUMAN_CHANNELS)]
-    labels = np.argmax(human, axis=0).astype(np.uint8)   # 0, 1 = cortex, 2 = medulla
-    labels[~tissue] = 0
-    return labels
-
-
 def stitch(store: SlideStore, params: LayerParams) -> dict:
-    """The stitch stage: ``pred/labels`` ((H, W) uint8, `LEGEND`) band by band from
-    ``pred/prob`` and the tissue mask; returns the area of each layer in mm2."""
-    prob = store.root["pred/prob"]
-    mpp = float(prob.attrs["mpp"])
-    tissue_lowres, tissue_mpp = thumbnail_tissue(store)
-    _, height, width = prob.shape
-    labels = new_label_map(store, "pred/labels", prob, LEGEND)
-    counts = np.zeros(len(LEGEND), np.int64)
-    for y0, band in iter_bands(prob):
-        h = band.shape[1]
-        band_labels = label_band(band, tissue_band(tissue_lowres, tissue_mpp, y0, (h, width),
-                                                   mpp))
-        labels[y0:y0 + h, :] = band_labels
-        counts += np.bincount(band_labels.ravel(), minlength=len(LEGEND))[:len(LEGEND)]
+    """The stitch stage: ``pred/labels`` ((H, W) uint8, `LEGEND`): the most probable of
+    background / human cortex / human medulla inside the tissue; the area of each layer in
+    mm2."""
+    mpp, counts = argmax_labels(store, HUMAN_CHANNELS, LEGEND)
     px_mm2 = mpp * mpp / 1e6
     return {"mpp": mpp, "areas_mm2": {
         "cortex": round(float(counts[CORTEX] * px_mm2), 5),
@@ -135,26 +107,11 @@ def measure(inputs: MeasureInputs, params: LayerParams | None = None) -> dict:
     params = params or LayerParams()
     store, areas = inputs.store, inputs.areas_mm2
     labels = store.root["pred/labels"]
-    mpp = float(labels.attrs["mpp"])
     new_label_map(store, "pred/classes", labels, LEGEND, copy=True)
 
-    objects = []
-    for value, name in ((CORTEX, "Cortex"), (MEDULLA, "Medulla")):
-        for (y0, x0, _, _), mask in connected_components(labels, lambda b, v=value: b == v):
-            area_um2 = float(mask.sum()) * mpp * mpp
-            if area_um2 < params.min_region_um2:
-                continue
-            origin = (x0 * mpp, y0 * mpp)
-            outline = max(polygons_from_mask(mask, mpp, origin, simplify_um=2 * mpp),
-                          key=lambda p: p["area_um2"])
-            ys, xs = np.nonzero(mask)
-            objects.append({
-                "name": name, "kind": name.lower(), "color": COLORS[value],
-                "polygon_um": np.round(outline["polygon_um"], 1).tolist(),
-                "centroid_um": [round(origin[0] + (xs.mean() + 0.5) * mpp, 1),
-                                round(origin[1] + (ys.mean() + 0.5) * mpp, 1)],
-                "measurements": {"area_um2": round(area_um2, 1),
-                                 "area_mm2": round(area_um2 / 1e6, 5)}})
+    objects = region_objects(labels, {CORTEX: ("Cortex", COLORS[CORTEX]),
+                                      MEDULLA: ("Medulla", COLORS[MEDULLA])},
+                             params.min_region_um2)
     result = score(areas["cortex"], areas["medulla"], params)
     return result | {
         "counts": {"cortex_regions": sum(o["kind"] == "cortex" for o in objects),
