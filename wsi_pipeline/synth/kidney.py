@@ -1,4 +1,5 @@
-"""Synthetic PAS-stained kidney sections for `kidney-layer` and `mesangial`.
+"""Synthetic PAS-stained kidney sections for `kidney-layer`, `mesangial` and the
+light-microscopy (OM) slide of a `glomerular-dx` case.
 
 Human needle biopsies (both tasks) and whole mouse kidney sections (`kidney-layer` with
 species "mouse", see `build_mouse` below for its anatomy).
@@ -22,6 +23,14 @@ Mesangial hypercellularity [Oxford MEST-C]: a glomerulus is hypercellular when a
 mesangial area holds > 3 mesangial cells; M1 when more than half of the glomeruli are
 hypercellular, else M0; a biopsy with >= 8 glomeruli is adequate. Normocellular
 glomeruli here have 1-3 cells in every area; hypercellular ones 4-7 in most areas.
+
+Glomerular-dx OM slides (`CASE_OM_SPEC`, labels IgAN / MN / LN) are the human biopsy
+with the class's light-microscopy look [standard]: IgAN = mesangial hypercellularity and
+matrix expansion (most glomeruli hypercellular, mesangial areas enlarged); MN = thickened,
+PAS-bright capillary walls (GBM) with a normal mesangium; LN = both (hypercellular tufts
+and thick "wire-loop" walls). A "weak" slide [choice] shows the class only faintly
+(fewer hypercellular glomeruli, walls barely thickened). Per glomerulus the GBM thickness
+factor (1 = normal) is `Glomeruli.wall`; see `CASE_WALL_FACTOR` and `CASE_HYPER_FRACTION`.
 
 Label legend: see `LEGEND`; human cortex area = cortex + glomeruli labels; mouse slides use
 the mouse layer labels 8-11 (glomeruli inside mouse_cortex); tissue = label not in
@@ -52,6 +61,17 @@ CORTEX_LABELS = (1, 3, 4)
 MOUSE_LAYER_LABELS = (8, 9, 10, 11)  # capsule inwards: cortex, outer/inner stripe, inner medulla
 TISSUE_CLASSES = (1, 2, 3, 4) + MOUSE_LAYER_LABELS
 HYPERCELLULAR_MIN_CELLS = 4  # > 3 mesangial cells in a mesangial area
+CASE_LABELS = ("IgAN", "MN", "LN")
+# glomerular-dx OM [choice]: (typical, weak) ranges per class of the hypercellular fraction,
+# the GBM thickness factor (1 = normal) and the mesangial area radius factor (matrix
+# expansion of hypercellular glomeruli)
+CASE_HYPER_FRACTION = {"IgAN": ((0.6, 0.9), (0.15, 0.4)), "MN": ((0.0, 0.15), (0.0, 0.15)),
+                       "LN": ((0.55, 0.85), (0.15, 0.4))}
+CASE_WALL_FACTOR = {"IgAN": ((1.0, 1.1), (1.0, 1.1)), "MN": ((2.2, 3.0), (1.25, 1.6)),
+                    "LN": ((1.9, 2.6), (1.2, 1.5))}
+CASE_MATRIX_FACTOR = {"IgAN": ((1.2, 1.35), (1.0, 1.1)), "MN": ((1.0, 1.0), (1.0, 1.0)),
+                      "LN": ((1.15, 1.3), (1.0, 1.1))}
+CASE_MIN_GLOMERULI = 4  # a case slide shows at least this many glomeruli (when they fit)
 
 
 @dataclass(frozen=True)
@@ -111,6 +131,7 @@ class Glomeruli:
     cells: list = field(default_factory=list)  # per glomerulus (N, 2) mesangial nuclei (um)
     cells_per_area: list = field(default_factory=list)  # per glomerulus (M,) counts
     index: sc.SpatialIndex | None = None
+    wall: np.ndarray | None = None  # glomerular-dx: GBM thickness factor (1 = normal)
 
 
 @dataclass
@@ -340,8 +361,11 @@ def _glomerulus(s: KidneyScene, i: int, X, Y, x0, y0, nuc):
     bc = (np.sqrt(d2) - r1) * 0.5
     rc = r1 / (r1 + bc + 1e-6)
     open_ = (t.u[0] < 0.8)[id1]
-    lumen = sc.smoothstep(0.66, 0.58, rc) * open_
-    gbm = sc.smoothstep(0.58, 0.66, rc) * sc.smoothstep(0.8, 0.72, rc) * open_
+    if g.wall is None:
+        lumen = sc.smoothstep(0.66, 0.58, rc) * open_
+        gbm = sc.smoothstep(0.58, 0.66, rc) * sc.smoothstep(0.8, 0.72, rc) * open_
+    else:
+        lumen, gbm = _thick_walls(rc, open_, float(g.wall[i]))
     # mesangial areas
     mes = np.zeros(rho.shape, np.float32)
     for (ax, ay), ar in zip(g.areas_xy[i], g.areas_r[i], strict=True):
@@ -378,6 +402,21 @@ def _glomerulus(s: KidneyScene, i: int, X, Y, x0, y0, nuc):
     sc.stamp_ellipses(nuc, _px(xs, x0, mpp), _px(ys, y0, mpp), 3.6 / mpp, 1.1 / mpp, tang,
                       C_NUC_H)
     return cover, cH.astype(np.float32), cP.astype(np.float32)
+
+
+def _thick_walls(rc, open_, wall: float):
+    """(lumen, gbm) of capillary loops whose GBM is `wall` times the normal thickness.
+
+    rc: radial position in the loop cell (0 centre, 1 cell border). The wall grows inwards
+    (narrowing the lumen) and a little outwards; thick walls are also more PAS-bright.
+    """
+    k = max(wall - 1.0, 0.0)
+    inner = max(0.62 - 0.17 * k, 0.22)
+    outer = min(0.76 + 0.05 * k, 0.9)
+    lumen = sc.smoothstep(inner + 0.04, inner - 0.04, rc) * open_
+    gbm = sc.smoothstep(inner - 0.04, inner + 0.04, rc) * sc.smoothstep(
+        outer + 0.04, outer - 0.04, rc) * open_ * (1.0 + 0.12 * min(k, 2.0))
+    return lumen, gbm
 
 
 def render_tile(s: KidneyScene, x0_px: int, y0_px: int, size: int) -> np.ndarray | None:
@@ -459,11 +498,16 @@ def _place_cores(rng, W, H, species: Species, cortex_share) -> list[Core]:
 
 
 def build(task: str, seed: int, width_px: int, height_px: int, mpp: float,
-          label: str | None, pen: bool, fold: bool, species: str = "human") -> KidneyScene:
-    """Build a kidney scene; `label`: kidney-layer adequate|inadequate, mesangial M0|M1.
+          label: str | None, pen: bool, fold: bool, species: str = "human",
+          weak: bool = False) -> KidneyScene:
+    """Build a kidney scene; `label`: kidney-layer adequate|inadequate, mesangial M0|M1,
+    glomerular-dx IgAN|MN|LN.
 
-    species: "human" (needle cores) or "mouse" (a whole kidney section, kidney-layer only).
+    species: "human" (needle cores) or "mouse" (a whole kidney section, kidney-layer only);
+    weak: glomerular-dx only, the class's glomerular changes are faint.
     """
+    if weak and task != "glomerular-dx":
+        raise UsageError(f"weak applies to task glomerular-dx only, not {task!r}")
     if species not in SPECIES:
         raise UsageError(f"unknown species {species!r}; choose one of {', '.join(SPECIES)}")
     if species == "mouse":
@@ -478,6 +522,17 @@ def build(task: str, seed: int, width_px: int, height_px: int, mpp: float,
 
         def cortex_share(r):
             return r.uniform(0.3, 0.85) if label == "adequate" else 0.0
+    elif task == "glomerular-dx":
+        if species.name != "human":
+            raise UsageError("glomerular-dx slides are human biopsies")
+        if label is None:
+            label = CASE_LABELS[int(rng.integers(len(CASE_LABELS)))]
+        if label not in CASE_LABELS:
+            raise UsageError(f"label {label!r} is not valid for task glomerular-dx; choose "
+                             f"one of {', '.join(CASE_LABELS)}")
+
+        def cortex_share(r):
+            return r.uniform(0.75, 0.95)
     else:
         if label is None:
             label = "M1" if rng.random() < 0.5 else "M0"
@@ -493,6 +548,9 @@ def build(task: str, seed: int, width_px: int, height_px: int, mpp: float,
 
     # glomeruli: dart throwing in the cortex, fully inside the tissue
     gx, gy, gr = [], [], []
+    if task == "glomerular-dx":  # a diagnostic biopsy: enough glomeruli per cortex core
+        n_cortex_cores = max(sum(c.junction_um > 0 for c in s.cores), 1)
+        min_per_core = -(-CASE_MIN_GLOMERULI // n_cortex_cores)
     for core in s.cores:
         if core.junction_um <= 0:
             continue
@@ -506,6 +564,8 @@ def build(task: str, seed: int, width_px: int, height_px: int, mpp: float,
         target = int(rng.poisson(species.glomeruli_per_mm2_cortex * cortex_mm2))
         if task == "mesangial":
             target = max(target, 1)
+        elif task == "glomerular-dx":
+            target = max(target, min_per_core)
         placed = 0
         for x, y, r in zip(cand_x[ok], cand_y[ok], rad[ok], strict=True):
             if placed >= target:
@@ -522,6 +582,10 @@ def build(task: str, seed: int, width_px: int, height_px: int, mpp: float,
         n_hyper = int(round(frac * n))
         n_hyper = max(n_hyper, n // 2 + 1) if label == "M1" else min(n_hyper, n // 2)
         n_hyper = min(n_hyper, n)
+    elif task == "glomerular-dx":
+        n_hyper = min(int(round(rng.uniform(*CASE_HYPER_FRACTION[label][int(weak)]) * n)), n)
+        if label != "MN" and not weak and n:
+            n_hyper = max(n_hyper, n // 2 + 1)
     else:
         n_hyper = int(rng.binomial(n, 0.2)) if n else 0
     hyper = np.zeros(n, bool)
@@ -529,8 +593,15 @@ def build(task: str, seed: int, width_px: int, height_px: int, mpp: float,
     g = Glomeruli(np.array(gx, np.float32), np.array(gy, np.float32), np.array(gr, np.float32),
                   hyper, rng.integers(4, 7, n).astype(np.float32),
                   rng.uniform(0, 2 * np.pi, n).astype(np.float32))
-    for i in range(n):
-        _mesangium(rng, g, i)
+    if task == "glomerular-dx":
+        matrix = CASE_MATRIX_FACTOR[label][int(weak)]
+        for i in range(n):
+            _mesangium(rng, g, i, r_scale=rng.uniform(*matrix) if g.hyper[i] else 1.0)
+        lo, hi = CASE_WALL_FACTOR[label][int(weak)]
+        g.wall = rng.uniform(lo, hi, n).astype(np.float32)
+    else:
+        for i in range(n):
+            _mesangium(rng, g, i)
     g.index = sc.build_index(g.x, g.y, g.r * 1.05, 1000.0)
     s.glom = g
 
@@ -550,15 +621,18 @@ def build(task: str, seed: int, width_px: int, height_px: int, mpp: float,
         s.fold = sc.random_fold(rng, blob)
     s.dust = sc.random_dust(rng, W, H)
     s.options = {"species": species.name}
+    if task == "glomerular-dx":
+        s.options["weak"] = bool(weak)
     return s
 
 
 def _mesangium(rng, g: Glomeruli, i: int, fracs=(0.3, 0.58), min_r_um: float = 9.0,
-               min_sep_um: float = 4.8) -> None:
+               min_sep_um: float = 4.8, r_scale: float = 1.0) -> None:
     """Mesangial areas (stalk regions of the tuft lobes) and their cells for glomerulus i.
 
     fracs: radial positions of the areas along each lobe (fraction of the capsule radius);
-    min_r_um: smallest area radius; min_sep_um: least distance between mesangial nuclei.
+    min_r_um: smallest area radius; min_sep_um: least distance between mesangial nuclei;
+    r_scale: area radius factor (> 1: mesangial matrix expansion).
     """
     R = float(g.r[i])
     lobes = int(g.lobes[i])
@@ -568,7 +642,7 @@ def _mesangium(rng, g: Glomeruli, i: int, fracs=(0.3, 0.58), min_r_um: float = 9
         for frac in fracs:
             d = frac * R * rng.uniform(0.9, 1.1)
             areas.append((g.x[i] + np.cos(th) * d, g.y[i] + np.sin(th) * d))
-            radii.append(max(min_r_um, R * rng.uniform(0.085, 0.11)))
+            radii.append(max(min_r_um, R * rng.uniform(0.085, 0.11)) * r_scale)
     areas_xy = np.array(areas, np.float32)
     radii = np.array(radii, np.float32)
     if g.hyper[i]:
@@ -1259,6 +1333,31 @@ def truth_mesangial(s: KidneyScene, areas: dict) -> dict:
     }
 
 
+def truth_case(s: KidneyScene, areas: dict) -> dict:
+    """glomerular-dx OM truth: the class (one-hot scores), glomeruli with their wall factor."""
+    cortex, medulla, tissue = _areas(areas)
+    g = s.glom
+    n = len(g.x)
+    n_hyper = int(g.hyper.sum())
+    objects = _glom_objects(s)
+    for o, w in zip(objects, g.wall if g.wall is not None else np.ones(n), strict=True):
+        o["gbm_thickness_factor"] = round(float(w), 4)
+    return {
+        "species": s.species.name,
+        "diagnosis": {"label": s.label, "adequate": bool(n >= 1), "weak": bool(
+            s.options.get("weak", False))},
+        "scores": {**{f"p_{c}": float(c == s.label) for c in CASE_LABELS},
+                   "hypercellular_fraction": round(n_hyper / n, 5) if n else 0.0,
+                   "mean_gbm_thickness_factor": round(float(g.wall.mean()), 4)
+                   if n and g.wall is not None else 1.0},
+        "counts": {"glomeruli": n, "hypercellular_glomeruli": n_hyper,
+                   "mesangial_cells": int(sum(len(c) for c in g.cells))},
+        "areas_mm2": {"cortex": round(cortex, 5), "medulla": round(medulla, 5),
+                      "tissue": round(tissue, 5), "pen": round(areas.get("pen", 0.0), 5)},
+        "objects": objects,
+    }
+
+
 def arrays(s: KidneyScene) -> dict:
     """Mesangial cell centres (um) and their glomerulus index, for the truth zarr."""
     g = s.glom
@@ -1283,4 +1382,10 @@ MESANGIAL_SPEC = SynthSpec(
     default_size_px=(16000, 8000), default_mpp=0.5, build=build, render_tile=render_tile,
     label_tile=label_tile, truth=truth_mesangial, arrays=arrays,
     tissue_classes=TISSUE_CLASSES,
+)
+# registered in generate.task_specs by the lead; `synth.cases.write_case` uses it directly
+CASE_OM_SPEC = SynthSpec(
+    name="glomerular-dx", legend=LEGEND, labels=CASE_LABELS,
+    default_size_px=(6000, 4000), default_mpp=0.5, build=build, render_tile=render_tile,
+    label_tile=label_tile, truth=truth_case, arrays=arrays, tissue_classes=TISSUE_CLASSES,
 )
