@@ -2,9 +2,9 @@
 ``summary.csv``.
 
 A PATH is a slide, a folder (``recursive`` descends), a glob pattern (``slides/*.svs``,
-``**`` descends), a CSV list (a ``path`` column, optional ``mpp``, ``slide_id`` and
-``patient_id`` columns; relative paths are relative to the list) or a URL. A bad PATH
-becomes a failed job, so the batch goes on with the others.
+``**`` descends), a CSV list (a ``path`` (or ``slide``) column, optional ``mpp``,
+``slide_id`` and ``patient_id`` columns; relative paths are relative to the list) or a
+URL. A bad PATH becomes a failed job, so the batch goes on with the others.
 """
 
 from __future__ import annotations
@@ -114,14 +114,15 @@ def _read_list(csv_path: Path) -> list[tuple[str, str, float | None, WsiError | 
                  InputListError(f"{csv_path}: cannot read the slide list ({exc})"), "")]
     reader = csv.DictReader(io.StringIO(text))
     columns = [c.strip().lower() for c in reader.fieldnames or []]
-    if "path" not in columns:
+    key = "path" if "path" in columns else "slide"  # "slide": a wsi-synth cohort list
+    if key not in columns:
         return [(csv_path.stem, str(csv_path), None, InputListError(
             f"{csv_path}: a slide list needs a 'path' column (found: "
             f"{', '.join(columns) or 'nothing'})"), "")]
     rows = []
     for line, record in enumerate(reader, start=2):
         record = {(k or "").strip().lower(): (v or "").strip() for k, v in record.items()}
-        raw = record.get("path", "")
+        raw = record.get(key, "")
         if not raw:
             continue
         path = raw if is_url(raw) or Path(raw).is_absolute() else str(csv_path.parent / raw)

@@ -2,11 +2,20 @@
 
     wsi-synth --task fls --out out/fls_001.svs --seed 1 --positive --pen
     wsi-synth --task kidney-layer --species mouse --out out/mouse_001.svs --mpp 2
+    wsi-synth --task liver --label HCC --out out/liver_001.svs
+    wsi-synth --task liver --cohort 40 --annotated 8 --out out/liver_cohort --seed 3
+    wsi-synth --task glomerular-dx --label MN --out out/case_001 --seed 2
+    wsi-synth --task glomerular-dx --cohort 30 --out out/cases
 
-Defaults per task: fls 12000 x 9000 px, kidney-layer and mesangial 16000 x 8000 px, all at
-0.5 um/px (20x); a mouse kidney-layer slide covers 11 x 7 mm at the chosen MPP (22000 x
-14000 px at 0.5 um/px). Expected failures print one line `wsi-synth: error: ...` on stderr
-and exit non-zero (2 = usage); no traceback.
+Defaults per task: fls 12000 x 9000 px, kidney-layer and mesangial 16000 x 8000 px, liver
+8000 x 6000 px, all at 0.5 um/px (20x); a mouse kidney-layer slide covers 11 x 7 mm at the
+chosen MPP (22000 x 14000 px at 0.5 um/px). A liver cohort (--cohort N) writes N patients
+(half HCC, half CCA; 1-2 slides each, 4096 x 3072 px by default) under the --out folder,
+FOLDER/<patient>/<patient>_<n>.svs, and FOLDER/cohort.csv; only the --annotated K patients
+(default N // 4) keep their label masks. A glomerular-dx case is a folder (om/ PAS biopsy,
+6000 x 4000 px by default; im/ immunofluorescence image; tem/ 3-15 electron micrographs);
+--cohort N writes N cases and cases.csv. Expected failures print one line
+`wsi-synth: error: ...` on stderr and exit non-zero (2 = usage); no traceback.
 """
 
 from __future__ import annotations
@@ -28,20 +37,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="wsi-synth", description="Write a synthetic whole-slide image (Aperio "
                 "SVS) and its ground truth (<stem>.truth.json, <stem>.truth.zarr).")
     p.add_argument("--task", required=True,
-                   help="fls, kidney-layer or mesangial (liver, glomerular-dx: later)")
-    p.add_argument("--out", required=True, metavar="PATH", help="slide file to write (.svs)")
+                   help="fls, kidney-layer, mesangial or liver (glomerular-dx: later)")
+    p.add_argument("--out", required=True, metavar="PATH",
+                   help="slide file to write (.svs); with --cohort, the cohort folder")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--width", type=int, metavar="PX", help="level-0 width in pixels")
     p.add_argument("--height", type=int, metavar="PX", help="level-0 height in pixels")
     p.add_argument("--mpp", type=float, metavar="UM", help="microns per pixel (default 0.5)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--label", help="true diagnosis: fls positive|negative, kidney-layer "
-                   "adequate|inadequate, mesangial M0|M1 (default: drawn from the seed)")
+                   "adequate|inadequate, mesangial M0|M1, liver HCC|CCA (default: drawn "
+                   "from the seed)")
     g.add_argument("--positive", action="store_true", help="fls: FS >= 1; mesangial: M1")
     g.add_argument("--negative", action="store_true", help="fls: FS < 1; mesangial: M0")
     p.add_argument("--species", choices=("human", "mouse"),
                    help="kidney-layer only: human needle cores (default) or a whole mouse "
                    "kidney section")
+    p.add_argument("--cohort", type=int, metavar="N",
+                   help="liver only: write a cohort of N patients into the --out folder")
+    p.add_argument("--annotated", type=int, metavar="K",
+                   help="with --cohort: patients that keep their label masks (default N // 4)")
     p.add_argument("--pen", action="store_true", help="add a marker-pen stroke")
     p.add_argument("--fold", action="store_true", help="add a tissue fold")
     p.add_argument("--workers", type=int, metavar="N",
@@ -77,6 +92,10 @@ def run(argv: list[str] | None = None) -> dict:
         from tqdm import tqdm
 
         progress = partial(tqdm, unit="tile", leave=False, dynamic_ncols=True)
+    if args.cohort is not None or args.annotated is not None:
+        return _cohort(args, progress)
+    if args.task == "glomerular-dx":
+        return _case(args)
     truth = write_slide(args.task, args.out, width=args.width, height=args.height,
                         mpp=args.mpp, seed=args.seed, label=_label(args), pen=args.pen,
                         fold=args.fold, workers=args.workers, progress=progress,
@@ -88,6 +107,54 @@ def run(argv: list[str] | None = None) -> dict:
         print(f"wrote {args.out} ({gen['width']}x{gen['height']} px, {gen['mpp']} um/px, "
               f"{len(gen['levels'])} levels); diagnosis {truth['diagnosis']['label']}{score}")
     return truth
+
+
+def _case(args) -> dict:
+    """glomerular-dx: a case folder (om/ slide, im/ immunofluorescence, tem/ bag) at --out."""
+    from .cases import write_case
+
+    if args.pen or args.fold or args.positive or args.negative:
+        raise UsageError("--pen, --fold, --positive and --negative do not apply to "
+                         "glomerular-dx cases; use --label IgAN|MN|LN")
+    truth = write_case(args.out, label=args.label, seed=args.seed,
+                       om_size_px=(args.width or 6000, args.height or 4000),
+                       mpp=args.mpp or 0.5, workers=args.workers)
+    if not args.quiet:
+        print(f"wrote case {args.out}: diagnosis {truth['diagnosis']['label']}, "
+              f"{truth['counts']['tem_images']} TEM images")
+    return truth
+
+
+def _cohort(args, progress) -> dict:
+    """--cohort: a liver cohort folder; returns {"cohort": cohort.csv rows}."""
+    if args.cohort is None:
+        raise UsageError("--annotated applies with --cohort only")
+    if args.task == "glomerular-dx":
+        from .cases import write_case_cohort
+
+        rows = write_case_cohort(args.out, args.cohort, seed=args.seed, workers=args.workers)
+        if not args.quiet:
+            print(f"wrote {args.cohort} cases in {args.out}; list in cases.csv")
+        return {"cases": rows}
+    if args.task != "liver":
+        raise UsageError(f"--cohort applies to --task liver and glomerular-dx, not "
+                         f"{args.task!r}")
+    if args.label or args.positive or args.negative or args.pen or args.fold:
+        raise UsageError("--cohort draws the diagnoses itself (half HCC, half CCA); "
+                         "--label, --pen and --fold do not apply")
+    from .liver import write_liver_cohort
+
+    annotated = args.cohort // 4 if args.annotated is None else args.annotated
+    rows = write_liver_cohort(args.out, args.cohort, annotated, seed=args.seed,
+                              width=args.width, height=args.height, mpp=args.mpp,
+                              workers=args.workers, progress=progress)
+    if not args.quiet:
+        n_hcc = len({r["patient_id"] for r in rows if r["diagnosis"] == "HCC"})
+        n_ann = len({r["patient_id"] for r in rows if r["annotated"]})
+        print(f"wrote cohort {args.out}: {args.cohort} patients ({n_hcc} HCC, "
+              f"{args.cohort - n_hcc} CCA), {len(rows)} slides, {n_ann} patients annotated; "
+              f"list in cohort.csv")
+    return {"cohort": rows}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,14 +29,15 @@ LABEL_CHUNK_PX = 1024
 LABEL_SUBTILE_PX = 256
 LABEL_MAX_PIXELS = 128 * 1024 * 1024  # label mask at most ~128 Mpx: coarser MPP beyond
 GENERATOR_VERSION = "1"
-LATER_TASKS = {"liver", "glomerular-dx"}
+LATER_TASKS: set[str] = set()  # tasks named in the CLI but not generated yet
 
 
 def task_specs() -> dict[str, SynthSpec]:
     """All implemented synthetic tasks by name."""
-    from . import kidney, salivary
+    from . import kidney, liver, salivary
 
-    return {spec.name: spec for spec in (salivary.SPEC, kidney.LAYER_SPEC, kidney.MESANGIAL_SPEC)}
+    return {spec.name: spec for spec in (salivary.SPEC, kidney.LAYER_SPEC, kidney.MESANGIAL_SPEC,
+                                         liver.SPEC, kidney.CASE_OM_SPEC)}
 
 
 def get_spec(task: str) -> SynthSpec:
@@ -219,9 +220,9 @@ def write_slide(task: str, path: str | os.PathLike, *, width: int | None = None,
                 species: str | None = None) -> dict:
     """Write a synthetic slide (Aperio SVS) and its truth; return the truth dict.
 
-    task: 'fls', 'kidney-layer' or 'mesangial'; width/height in level-0 pixels and mpp in
-    um/px (defaults per task); label: a true diagnosis label the task accepts (e.g.
-    'positive', 'M1'), None = drawn from the seed; workers: rendering processes (default:
+    task: 'fls', 'kidney-layer', 'mesangial' or 'liver'; width/height in level-0 pixels and
+    mpp in um/px (defaults per task); label: a true diagnosis label the task accepts (e.g.
+    'positive', 'M1', 'HCC'), None = drawn from the seed; workers: rendering processes (default:
     up to 2, inline for small slides); progress: a tqdm-like factory or None;
     species: kidney-layer only, 'human' (default: needle cores) or 'mouse' (a whole kidney
     section; default size 11 x 7 mm at the given MPP).
