@@ -3,8 +3,9 @@
 
 A PATH is a slide, a folder (``recursive`` descends), a glob pattern (``slides/*.svs``,
 ``**`` descends), a CSV list (a ``path`` (or ``slide``) column, optional ``mpp``,
-``slide_id`` and ``patient_id`` columns; relative paths are relative to the list) or a
-URL. A bad PATH becomes a failed job, so the batch goes on with the others.
+``slide_id``, ``patient_id`` and ``stain`` columns; relative paths are relative to the list)
+or a URL. A slide listed with another stain than the task's is skipped, not analysed. A
+bad PATH becomes a failed job, so the batch goes on with the others.
 """
 
 from __future__ import annotations
@@ -37,20 +38,21 @@ if TYPE_CHECKING:  # run.py pulls in torch: not needed to list slides or write s
 SUMMARY_FIELDS = ["slide_id", "path", "task", "status", "diagnosis", "adequate", "scores",
                   "counts", "tissue_mm2", "tiles", "seconds", "error", "patient_id"]
 CASE_FIELDS = ["patient_id", "slides", "status", "diagnosis", "hcc_fraction", "hcc_mm2",
-               "cca_mm2", "slide_ids", "error"]
+               "cca_mm2", "slide_ids", "note", "error"]
 
 
 @dataclass(frozen=True)
 class Job:
     """One input of a batch: its output id, where to read it, an optional per-slide MPP
     override, or the error that stops it before it starts; the patient it belongs to
-    (empty: a patient of its own)."""
+    (empty: a patient of its own); its stain as the list declares it (empty: unknown)."""
 
     slide_id: str
     path: str
     mpp: float | None = None
     error: WsiError | None = None
     patient_id: str = ""
+    stain: str = ""
 
 
 # -- PATHs -> jobs ---------------------------------------------------------------------------
@@ -61,7 +63,7 @@ def expand_inputs(paths: list[str], input_kind: str = "slide", recursive: bool =
     patient_from  "list": a CSV list's ``patient_id`` column (other slides: a patient
                   each); "folder": the name of the folder holding the slide."""
     found: list[tuple[str, str, float | None, WsiError | None]] = []  # name, path, mpp, error
-    patients: dict[int, str] = {}
+    patients: dict[int, tuple[str, str]] = {}  # index in found -> (patient, stain)
     for raw in paths:
         if is_url(raw):
             found.append((_stem(raw), raw, None, None))
@@ -77,14 +79,13 @@ def expand_inputs(paths: list[str], input_kind: str = "slide", recursive: bool =
         elif not p.exists():
             found.append((_stem(p), raw, None, SlideNotFound(f"{p}: no such file or folder")))
         elif p.is_file() and p.suffix.lower() == ".csv":
-            for name, path, mpp, error, patient in _read_list(p):
-                patients[len(found)] = patient
+            for name, path, mpp, error, patient, stain in _read_list(p):
+                patients[len(found)] = (patient, stain)
                 found.append((name, path, mpp, error))
         elif p.is_dir() and input_kind == "case" and (p / "om").is_dir():
-            slides = find_slides(p / "om")  # a case is named after its folder
-            found.append((p.name, str(slides[0]), None, None) if slides else
-                         (p.name, raw, None,
-                          NoSlidesFound(f"{p}: case folder has no slide in om/")))
+            found.append(_case_job(p))
+        elif p.is_dir() and input_kind == "case" and _case_folders(p):
+            found.extend(_case_job(c) for c in _case_folders(p))  # a folder of cases
         elif p.is_dir():
             slides = find_slides(p, recursive)
             if not slides:
@@ -97,28 +98,42 @@ def expand_inputs(paths: list[str], input_kind: str = "slide", recursive: bool =
     ids = unique_ids([name for name, *_ in found])
     jobs = []
     for k, (slide_id, (_, path, mpp, error)) in enumerate(zip(ids, found, strict=True)):
-        patient = patients.get(k, "")
+        patient, stain = patients.get(k, ("", ""))
         if patient_from == "folder" and not is_url(path):
             patient = Path(path).parent.name
-        jobs.append(Job(slide_id, path, mpp, error, patient))
+        jobs.append(Job(slide_id, path, mpp, error, patient, stain))
     return jobs
 
 
-def _read_list(csv_path: Path) -> list[tuple[str, str, float | None, WsiError | None, str]]:
-    """Rows of a CSV slide list: ``path`` (required), ``mpp``, ``slide_id`` and
-    ``patient_id`` (optional)."""
+def _case_folders(folder: Path) -> list[Path]:
+    """The case folders (sub-folders with om/) directly inside ``folder``, sorted."""
+    return sorted(c for c in folder.iterdir() if (c / "om").is_dir())
+
+
+def _case_job(case: Path) -> tuple[str, str, float | None, WsiError | None]:
+    """A case folder's job: named after the folder, reading its om/ slide."""
+    slides = find_slides(case / "om")
+    return ((case.name, str(slides[0]), None, None) if slides else
+            (case.name, str(case), None, NoSlidesFound(f"{case}: case folder has no slide "
+                                                       "in om/")))
+
+
+def _read_list(csv_path: Path
+               ) -> list[tuple[str, str, float | None, WsiError | None, str, str]]:
+    """Rows of a CSV slide list: (name, path, mpp, error, patient_id, stain) from the
+    columns ``path`` (required), ``mpp``, ``slide_id``, ``patient_id`` and ``stain``."""
     try:
         text = csv_path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         return [(csv_path.stem, str(csv_path), None,
-                 InputListError(f"{csv_path}: cannot read the slide list ({exc})"), "")]
+                 InputListError(f"{csv_path}: cannot read the slide list ({exc})"), "", "")]
     reader = csv.DictReader(io.StringIO(text))
     columns = [c.strip().lower() for c in reader.fieldnames or []]
     key = "path" if "path" in columns else "slide"  # "slide": a wsi-synth cohort list
     if key not in columns:
         return [(csv_path.stem, str(csv_path), None, InputListError(
             f"{csv_path}: a slide list needs a 'path' column (found: "
-            f"{', '.join(columns) or 'nothing'})"), "")]
+            f"{', '.join(columns) or 'nothing'})"), "", "")]
     rows = []
     for line, record in enumerate(reader, start=2):
         record = {(k or "").strip().lower(): (v or "").strip() for k, v in record.items()}
@@ -139,11 +154,27 @@ def _read_list(csv_path: Path) -> list[tuple[str, str, float | None, WsiError | 
                     f"{PLAUSIBLE_MPP[0]}-{PLAUSIBLE_MPP[1]} um/px")
         if error is None and not is_url(path) and not Path(path).exists():
             error = SlideNotFound(f"{path}: no such file (listed in {csv_path} line {line})")
-        rows.append((name, path, mpp, error, record.get("patient_id", "")))
+        stain = record.get("stain", "")
+        if error is None and stain and _stain_key(stain) is None:
+            error = InputListError(f"{csv_path} line {line}: stain {stain!r} is not one of "
+                                   f"{', '.join(STAIN_ALIASES)}")
+        rows.append((name, path, mpp, error, record.get("patient_id", ""),
+                     _stain_key(stain) or ""))
     if not rows:
         return [(csv_path.stem, str(csv_path), None,
-                 NoSlidesFound(f"{csv_path}: the slide list has no rows"), "")]
+                 NoSlidesFound(f"{csv_path}: the slide list has no rows"), "", "")]
     return rows
+
+
+STAIN_ALIASES = {"he": ("he", "h&e", "hne", "h-e", "hematoxylin-eosin", "haematoxylin-eosin"),
+                 "pas": ("pas", "periodic acid-schiff", "periodic acid schiff")}
+STAIN_NAMES = {"he": "H&E", "pas": "PAS"}
+
+
+def _stain_key(name: str) -> str | None:
+    """The stain reference name ("he", "pas") a list's stain value means, None if unknown."""
+    value = name.strip().casefold()
+    return next((k for k, names in STAIN_ALIASES.items() if value in names), None)
 
 
 def _stem(path: str | Path) -> str:
@@ -198,6 +229,10 @@ def run_job(job: Job, task_name: str, opts: RunOptions,
     try:
         if job.error is not None:
             raise job.error
+        if job.stain and job.stain != task.stain:
+            row.update(status="skipped", error=f"listed as {STAIN_NAMES[job.stain]}; task "
+                       f"{task.name} analyses {STAIN_NAMES[task.stain]} slides")
+            return row
         job_opts = opts if job.mpp is None else replace(opts, mpp=job.mpp)
         with slide_lock(opts.out / job.slide_id, wait_s=lock_wait_s) as taken:
             if taken.get("stale") and say:
@@ -281,7 +316,11 @@ def write_cases(out: Path, rules: Any) -> list[dict[str, Any]]:
     the liver's r over all of a patient's slides): one row per patient of the merged
     ``summary.csv`` (a slide without ``patient_id`` is a patient of its own), from the
     ``report.json`` of its slides. A patient with a slide that has not finished gets
-    status "incomplete" and no diagnosis: a partial patient never looks complete."""
+    status "incomplete" and no diagnosis: a partial patient never looks complete. A slide
+    of another stain (listed so and skipped, or flagged by ``quality.stain_warning``: a
+    patient with slides of different stains) is left out of the patient's rule, and the
+    note says so; with no slide left the patient gets status "stain mismatch" and no
+    diagnosis."""
     import json
 
     with open(out / "summary.csv", newline="", encoding="utf-8") as f:
@@ -294,18 +333,27 @@ def write_cases(out: Path, rules: Any) -> list[dict[str, Any]]:
         case = {f: "" for f in CASE_FIELDS}
         case.update(patient_id=patient, slides=len(members),
                     slide_ids=" ".join(m["slide_id"] for m in members))
-        reports, missing = [], []
+        reports, missing, off_stain = [], [], []
         for m in members:
+            if m["status"] == "skipped":
+                off_stain.append(f"{m['slide_id']} ({m['error']})")
+                continue
             path = out / m["slide_id"] / "report.json"
             done = m["status"] == "ok" and path.is_file()
             report = json.loads(path.read_text()) if done else None
-            if report and report.get("complete"):
-                reports.append(report)
-            else:
+            if not report or not report.get("complete"):
                 missing.append(m["slide_id"])
+            elif (report.get("quality") or {}).get("stain_warning"):
+                off_stain.append(f"{m['slide_id']} ({report['quality']['stain_warning']})")
+            else:
+                reports.append(report)
+        if off_stain:
+            case["note"] = "left out, stain does not match: " + "; ".join(off_stain)
         if missing:
             case.update(status="incomplete",
                         error=f"slide(s) not finished: {', '.join(missing)}")
+        elif not reports:
+            case.update(status="stain mismatch", error="no slide of the expected stain")
         else:
             result = rules.case_rule(reports)
             case.update(status="ok", diagnosis=result["diagnosis"],

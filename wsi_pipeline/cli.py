@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def finished(row: dict[str, Any]) -> None:
         rows.append(row)
-        if row["status"] in ("failed", "locked"):
+        if row["status"] in ("failed", "locked", "skipped"):
             print(f"{PROG}: {'error' if row['status'] == 'failed' else 'skipped'}: "
                   f"{row['error']}", file=sys.stderr)
         elif not args.quiet and "_report" in row:
@@ -267,31 +267,42 @@ def apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> None:
 
 DEMO_SLIDES = {"fls": {"label": "positive", "seed": 1, "width": 12000, "height": 9000},
                "kidney-layer": {"label": "adequate", "seed": 1, "width": 16000, "height": 8000},
-               "mesangial": {"label": "M1", "seed": 1, "width": 16000, "height": 8000}}
+               "mesangial": {"label": "M1", "seed": 1, "width": 16000, "height": 8000},
+               "liver": {"label": "HCC", "seed": 1, "width": 8000, "height": 6000}}
+
+
+# glomerular-dx: a case folder (om/, im/, tem/); seed 1 is outside the demo weights' cohort
+DEMO_CASES = {"glomerular-dx": {"label": "LN", "seed": 1, "om_size_px": (6000, 4000)}}
 
 
 def demo_slide(task: str) -> Path:
-    """The task's demo slide, synthesised on first use into the user's cache folder (a
-    fixed seed that no demo weights were trained on)."""
+    """The task's demo slide (glomerular-dx: case folder), synthesised on first use into the
+    user's cache folder (a fixed seed that no demo weights were trained on)."""
     import os
 
-    if task not in DEMO_SLIDES:
+    if task not in DEMO_SLIDES and task not in DEMO_CASES:
         raise UsageError(f"no demo slide for task {task} in this version")
     import shutil
     import tempfile
 
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wsi_pipeline"
     stem = f"{task.replace('-', '_')}_demo"
-    path = cache / stem / f"{stem}.svs"
+    path = cache / stem / (f"om/{stem}.svs" if task in DEMO_CASES else f"{stem}.svs")
     if path.exists():
-        return path
+        return path.parent.parent if task in DEMO_CASES else path
     from .synth import write_slide
+    from .synth.cases import write_case
 
     print(f"{PROG}: synthesising the demo slide {path} (first use) ...", file=sys.stderr)
     try:
         cache.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{stem}.", dir=cache))
         try:  # written aside and renamed: an interrupted synthesis leaves no half slide
+            if task in DEMO_CASES:
+                write_case(tmp / stem, mpp=0.5, **DEMO_CASES[task])
+                shutil.rmtree(cache / stem, ignore_errors=True)
+                (tmp / stem).rename(cache / stem)
+                return cache / stem
             write_slide(task, tmp / path.name, mpp=0.5, **DEMO_SLIDES[task])
             shutil.rmtree(path.parent, ignore_errors=True)
             tmp.rename(path.parent)

@@ -38,6 +38,14 @@ benchmarks/bench_simclr.py for the pretrained-vs-scratch comparison.
         --encoder tu-mobilenetv3_small_100 --epochs 12 --batch-size 16 --lr 1e-3 \
         --seed 0 --out wsi_pipeline/weights/mesangial_demo --demo --work /tmp/mes_demo.work
 
+The liver demo weights: a synthetic cohort of 12 patients (17 slides), 6 patients
+pixel-annotated, the other 6 with the diagnosis only (complementary labels, half of every
+batch):
+
+    wsi-train --task liver --synth 12 --synth-annotated 6 --synth-size 4096x3072 \
+        --out wsi_pipeline/weights/liver_demo --demo --work /tmp/liver_demo.work \
+        --epochs 6 --steps-per-epoch 50 --batch-size 8 --patch-px 256 --seed 0
+
 Expected failures print one line ``wsi-train: error: ...`` and exit 1 (2 for usage).
 """
 
@@ -830,6 +838,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", choices=("auto", "bce_dice", "focal", "joint", "hybrid"),
                    default="auto",
                    help="training loss (default: the task's; kidney-layer: joint L_t)")
+    p.add_argument("--folds", type=int, default=5, metavar="K",
+                   help="glomerular-dx: patient-level K-fold cross-validation before the "
+                        "final model (default 5; 0 or 1: none)")
     return p
 
 
@@ -855,6 +866,11 @@ def _main(argv: list[str]) -> int:
         from .train_crops import run_stage
 
         return run_stage(args, argv, torch.device(resolve_device(args.device)), say)
+    if task.name == "glomerular-dx":
+        from .run import resolve_device
+        from .train_cases import run_cases
+
+        return run_cases(args, argv, torch.device(resolve_device(args.device)), say)
     if args.loss != "auto":
         task = replace(task, model=replace(task.model, loss=args.loss))
     if args.synth_mouse and task.name != "kidney-layer":
