@@ -25,7 +25,7 @@ import numpy as np
 import zarr
 
 from wsi_pipeline.cli import main as wsi_run
-from wsi_pipeline.synth import write_slide
+from wsi_pipeline.synth import truth_labels_on_grid, write_slide
 from wsi_pipeline.train import main as wsi_train
 
 
@@ -47,12 +47,7 @@ def score(out: Path, slide: Path) -> np.ndarray:
     """(3, 3) confusion (truth background/cortex/medulla x predicted) on the pred grid."""
     classes = zarr.open_group(str(out / slide.stem / "store.zarr"), mode="r")["pred/classes"]
     pred = np.asarray(classes)
-    mpp = float(classes.attrs["mpp"])
-    labels = zarr.open_group(str(slide.with_suffix(".truth.zarr")), mode="r")["labels"]
-    step = mpp / labels.attrs["mpp"]
-    rows = np.minimum(((np.arange(pred.shape[0]) + 0.5) * step).astype(int), labels.shape[0] - 1)
-    cols = np.minimum(((np.arange(pred.shape[1]) + 0.5) * step).astype(int), labels.shape[1] - 1)
-    true = np.asarray(labels.get_orthogonal_selection((rows, cols)))
+    true = truth_labels_on_grid(slide, pred.shape, float(classes.attrs["mpp"]))
     t = np.select([np.isin(true, (1, 3, 4)), true == 2], [1, 2], 0)
     return np.bincount((t * 3 + pred).ravel(), minlength=9).reshape(3, 3)
 

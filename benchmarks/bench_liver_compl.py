@@ -10,7 +10,8 @@ alone (``--compl-lambda 0``) and on those plus the weak slides (supervised focal
 lambda * L_compl; half of every batch weak). ``--same-annotated-patches`` gives the weak
 arm twice the steps, so both see as many annotated patches. Each checkpoint then runs
 through the whole pipeline (``wsi-run``, patients from the cohort list) on ``--heldout``
-patients of another seed: case-level balanced accuracy (HCC vs CCA by r over the
+patients of another seed (no validation split: with so few annotated patients every one
+trains, and the last epoch is kept): case-level balanced accuracy (HCC vs CCA by r over the
 patient's slides) and pixel Dice against the truth at the prediction grid (tumour = HCC
 or CCA, and HCC and CCA each). Repeats over ``--seeds`` training seeds.
 """
@@ -26,23 +27,16 @@ import numpy as np
 import zarr
 
 from wsi_pipeline.cli import main as wsi_run
+from wsi_pipeline.synth import truth_labels_on_grid
 from wsi_pipeline.synth.liver import write_liver_cohort
 from wsi_pipeline.train import main as wsi_train
-
-
-def truth_on_grid(slide: Path, shape: tuple[int, int], mpp: float) -> np.ndarray:
-    labels = zarr.open_group(str(slide.with_suffix(".truth.zarr")), mode="r")["labels"]
-    step = mpp / labels.attrs["mpp"]
-    rows = np.minimum(((np.arange(shape[0]) + 0.5) * step).astype(int), labels.shape[0] - 1)
-    cols = np.minimum(((np.arange(shape[1]) + 0.5) * step).astype(int), labels.shape[1] - 1)
-    return np.asarray(labels.get_orthogonal_selection((rows, cols)))
 
 
 def pixel_counts(out: Path, slide_id: str, slide: Path) -> np.ndarray:
     """(4, 4) confusion (truth background/liver/HCC/CCA x predicted) on the pred grid."""
     classes = zarr.open_group(str(out / slide_id / "store.zarr"), mode="r")["pred/classes"]
     pred = np.asarray(classes)
-    true = truth_on_grid(slide, pred.shape, float(classes.attrs["mpp"]))
+    true = truth_labels_on_grid(slide, pred.shape, float(classes.attrs["mpp"]))
     t = np.where(np.isin(true, (1, 2, 3)), true, 0)
     return np.bincount((t * 4 + pred).ravel(), minlength=16).reshape(4, 4)
 
@@ -55,6 +49,7 @@ def dice(cm: np.ndarray, classes: tuple[int, ...]) -> float:
 
 def evaluate(weights: Path, heldout_csv: Path, out: Path) -> dict[str, float]:
     rows = list(csv.DictReader(heldout_csv.open()))
+    out.parent.mkdir(parents=True, exist_ok=True)
     listing = out.parent / f"{out.name}.list.csv"
     listing.write_text("path,patient_id,slide_id\n" + "".join(
         f"{heldout_csv.parent / r['slide']},{r['patient_id']},{Path(r['slide']).stem}\n"
@@ -79,7 +74,7 @@ def main() -> None:
     p.add_argument("--patients", type=int, default=16)
     p.add_argument("--annotated", type=int, default=2)
     p.add_argument("--heldout", type=int, default=8)
-    p.add_argument("--size", default="4000x3000", help="slide size WxH at 0.5 um/px")
+    p.add_argument("--size", default="4096x3072", help="slide size WxH at 0.5 um/px")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=8)
@@ -107,6 +102,7 @@ def main() -> None:
                     "--work", str(args.work / "train"), "--epochs", str(args.epochs),
                     "--steps-per-epoch", str(steps), "--batch-size", str(args.batch_size),
                     "--patch-px", str(args.patch_px), "--compl-lambda", str(lam),
+                    "--val-fraction", "0",
                     "--seed", str(seed)]) == 0
             train_s = time.perf_counter() - t0
             scores = evaluate(ckpt.with_suffix(".safetensors"), heldout / "cohort.csv",

@@ -13,6 +13,7 @@ import tifffile
 import zarr
 
 from wsi_pipeline.cli import main
+from wsi_pipeline.synth import truth_labels_on_grid
 from wsi_pipeline.tasks.fls import FOCUS
 
 # Seeds 300+ are never used for training (the demo cohort uses wsi-train's own seeds).
@@ -51,15 +52,6 @@ def classical(cohort, tmp_path_factory):
     return out, _run(cohort, out, "--model", "classical")
 
 
-def _truth_focus(slide: Path, shape: tuple[int, int], mpp: float) -> np.ndarray:
-    """The truth focus mask sampled at the centres of a (H, W) grid of ``mpp`` um/px."""
-    labels = zarr.open_group(str(slide.with_suffix(".truth.zarr")), mode="r")["labels"]
-    step = mpp / labels.attrs["mpp"]
-    rows = np.minimum(((np.arange(shape[0]) + 0.5) * step).astype(int), labels.shape[0] - 1)
-    cols = np.minimum(((np.arange(shape[1]) + 0.5) * step).astype(int), labels.shape[1] - 1)
-    return np.asarray(labels.get_orthogonal_selection((rows, cols))) == 5
-
-
 def _predicted_focus(out: Path, name: str) -> tuple[np.ndarray, float]:
     classes = zarr.open_group(str(out / name / "store.zarr"), mode="r")["pred/classes"]
     return np.asarray(classes) == FOCUS, float(classes.attrs["mpp"])
@@ -73,7 +65,7 @@ def test_demo_weights_find_the_true_foci(cohort, network):
     out, reports = network
     pos_path, pos_truth = cohort["pos"]
     predicted, mpp = _predicted_focus(out, "pos")
-    truth = _truth_focus(pos_path, predicted.shape, mpp)
+    truth = (truth_labels_on_grid(pos_path, predicted.shape, mpp) == 5)
     dice = _dice(predicted, truth)
     n_true, n_found = pos_truth["counts"]["foci"], reports["pos"]["counts"]["foci"]
     print(f"foci Dice {dice:.3f}; foci {n_found} found, {n_true} true")

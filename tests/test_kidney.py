@@ -13,6 +13,7 @@ import zarr
 from scipy import ndimage
 
 from wsi_pipeline.cli import main
+from wsi_pipeline.synth import truth_labels_on_grid
 from wsi_pipeline.tasks import kidney_layer, mesangial
 
 LAYER = {"adequate": (401, "adequate"), "inadequate": (402, "inadequate")}
@@ -36,15 +37,6 @@ def _run(paths: list[Path], task: str, out: Path, *extra: str) -> dict[str, dict
     return {p.stem: json.loads((out / p.stem / "report.json").read_text()) for p in paths}
 
 
-def _truth_labels(slide: Path, shape: tuple[int, int], mpp: float) -> np.ndarray:
-    """The truth label map sampled at the pixel centres of a (H, W) grid of ``mpp``."""
-    labels = zarr.open_group(str(slide.with_suffix(".truth.zarr")), mode="r")["labels"]
-    step = mpp / labels.attrs["mpp"]
-    rows = np.minimum(((np.arange(shape[0]) + 0.5) * step).astype(int), labels.shape[0] - 1)
-    cols = np.minimum(((np.arange(shape[1]) + 0.5) * step).astype(int), labels.shape[1] - 1)
-    return np.asarray(labels.get_orthogonal_selection((rows, cols)))
-
-
 def _classes(out: Path, name: str) -> tuple[np.ndarray, float]:
     arr = zarr.open_group(str(out / name / "store.zarr"), mode="r")["pred/classes"]
     return np.asarray(arr), float(arr.attrs["mpp"])
@@ -66,7 +58,7 @@ def test_kidney_layer_finds_cortex_and_medulla(layer):
     cohort, out, reports = layer
     path, truth = cohort["adequate"]
     predicted, mpp = _classes(out, "adequate")
-    true = _truth_labels(path, predicted.shape, mpp)
+    true = truth_labels_on_grid(path, predicted.shape, mpp)
     cortex = _dice(predicted == kidney_layer.CORTEX, np.isin(true, (1, 3, 4)))
     medulla = _dice(predicted == kidney_layer.MEDULLA, true == 2)
     report = reports["adequate"]
@@ -141,7 +133,7 @@ def test_glomerulus_detection_f1_and_count(mes):
     tp = n_pred = n_true = 0
     for name, (path, truth) in cohort.items():
         classes, mpp = _classes(out, name)
-        true = np.isin(_truth_labels(path, classes.shape, mpp), (3, 4))
+        true = np.isin(truth_labels_on_grid(path, classes.shape, mpp), (3, 4))
         found, n_p, n_t = _matches(np.isin(classes, (mesangial.NORMAL, mesangial.HYPER)), true)
         tp, n_pred, n_true = tp + len(found), n_pred + n_p, n_true + n_t
         count, true_count = reports[name]["counts"]["glomeruli"], truth["counts"]["glomeruli"]

@@ -14,6 +14,7 @@ import pytest
 import zarr
 
 from wsi_pipeline.cli import main
+from wsi_pipeline.synth import truth_labels_on_grid
 
 SIZE = (3072, 2304)  # 1.5 x 1.2 mm at 0.5 um/px
 
@@ -32,14 +33,6 @@ def cohort(tmp_path_factory):
 
 def _report(out: Path, row: dict) -> dict:
     return json.loads((out / Path(row["slide"]).stem / "report.json").read_text())
-
-
-def _truth_on_grid(slide: Path, shape: tuple[int, int], mpp: float) -> np.ndarray:
-    labels = zarr.open_group(str(slide.with_suffix(".truth.zarr")), mode="r")["labels"]
-    step = mpp / labels.attrs["mpp"]
-    rows = np.minimum(((np.arange(shape[0]) + 0.5) * step).astype(int), labels.shape[0] - 1)
-    cols = np.minimum(((np.arange(shape[1]) + 0.5) * step).astype(int), labels.shape[1] - 1)
-    return np.asarray(labels.get_orthogonal_selection((rows, cols)))
 
 
 def test_each_slide_and_each_patient_gets_its_diagnosis(cohort):
@@ -67,7 +60,7 @@ def test_tumour_dice_and_areas_against_the_truth(cohort):
         slide = folder / row["slide"]
         classes = zarr.open_group(str(out / slide.stem / "store.zarr"), mode="r")["pred/classes"]
         pred = np.asarray(classes)
-        true = _truth_on_grid(slide, pred.shape, float(classes.attrs["mpp"]))
+        true = truth_labels_on_grid(slide, pred.shape, float(classes.attrs["mpp"]))
         tumour = 2 if row["diagnosis"] == "HCC" else 3
         # class-aware: a tumour pixel counts when it is called the right tumour
         tp += int(((pred == tumour) & (true == tumour)).sum())

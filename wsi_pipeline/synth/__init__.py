@@ -8,12 +8,20 @@ Python API::
 
 writes an Aperio-compatible pyramidal JPEG SVS, `<stem>.truth.json` (task, diagnosis,
 scores, counts, areas_mm2, objects, generator) and `<stem>.truth.zarr` (label mask with
-its MPP and legend, plus object arrays). Tasks: fls, kidney-layer, mesangial.
+its MPP and legend, plus object arrays). Tasks: fls, liver, kidney-layer, mesangial,
+glomerular-dx (the biopsy slide of a case; `synth.cases.write_case` writes whole cases).
 """
 
-from .generate import get_spec, label_downsample, task_specs, truth_paths, write_slide
+from .generate import (
+    get_spec,
+    label_downsample,
+    task_specs,
+    truth_labels_on_grid,
+    truth_paths,
+    write_slide,
+)
 
 LEGENDS = {name: spec.legend for name, spec in task_specs().items()}
 
-__all__ = ["LEGENDS", "get_spec", "label_downsample", "task_specs", "truth_paths",
-           "write_slide"]
+__all__ = ["LEGENDS", "get_spec", "label_downsample", "task_specs", "truth_labels_on_grid",
+           "truth_paths", "write_slide"]

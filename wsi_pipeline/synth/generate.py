@@ -57,6 +57,20 @@ def truth_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     return p.with_name(p.stem + ".truth.json"), p.with_name(p.stem + ".truth.zarr")
 
 
+def truth_labels_on_grid(path: str | os.PathLike, shape: tuple[int, int], mpp: float
+                         ) -> np.ndarray:
+    """The truth label mask of the slide at ``path`` sampled at the pixel centres of a
+    (H, W) = ``shape`` grid of ``mpp`` um/px from the slide origin (nearest label pixel):
+    (H, W) uint8 legend values, e.g. to score a prediction map against the truth."""
+    import zarr
+
+    labels = zarr.open_group(str(truth_paths(path)[1]), mode="r")["labels"]
+    step = mpp / float(labels.attrs["mpp"])
+    rows = np.minimum(((np.arange(shape[0]) + 0.5) * step).astype(int), labels.shape[0] - 1)
+    cols = np.minimum(((np.arange(shape[1]) + 0.5) * step).astype(int), labels.shape[1] - 1)
+    return np.asarray(labels.get_orthogonal_selection((rows, cols)))
+
+
 def label_downsample(width_px: int, height_px: int) -> int:
     """Power-of-two factor between slide and label-mask pixels (1 for ordinary slides)."""
     f = 1
