@@ -317,10 +317,11 @@ def write_cases(out: Path, rules: Any) -> list[dict[str, Any]]:
     ``summary.csv`` (a slide without ``patient_id`` is a patient of its own), from the
     ``report.json`` of its slides. A patient with a slide that has not finished gets
     status "incomplete" and no diagnosis: a partial patient never looks complete. A slide
-    of another stain (listed so and skipped, or flagged by ``quality.stain_warning``: a
-    patient with slides of different stains) is left out of the patient's rule, and the
-    note says so; with no slide left the patient gets status "stain mismatch" and no
-    diagnosis."""
+    listed with another stain (skipped: a patient with slides of different stains) is left
+    out of the patient's rule and the note says so; with no slide left the patient gets
+    status "stain mismatch" and no diagnosis. A slide whose stain fit only looks like
+    another stain (``quality.stain_warning``, a weak cue) counts, with the warning in the
+    note."""
     import json
 
     with open(out / "summary.csv", newline="", encoding="utf-8") as f:
@@ -333,7 +334,7 @@ def write_cases(out: Path, rules: Any) -> list[dict[str, Any]]:
         case = {f: "" for f in CASE_FIELDS}
         case.update(patient_id=patient, slides=len(members),
                     slide_ids=" ".join(m["slide_id"] for m in members))
-        reports, missing, off_stain = [], [], []
+        reports, missing, off_stain, warned = [], [], [], []
         for m in members:
             if m["status"] == "skipped":
                 off_stain.append(f"{m['slide_id']} ({m['error']})")
@@ -343,12 +344,13 @@ def write_cases(out: Path, rules: Any) -> list[dict[str, Any]]:
             report = json.loads(path.read_text()) if done else None
             if not report or not report.get("complete"):
                 missing.append(m["slide_id"])
-            elif (report.get("quality") or {}).get("stain_warning"):
-                off_stain.append(f"{m['slide_id']} ({report['quality']['stain_warning']})")
             else:
                 reports.append(report)
-        if off_stain:
-            case["note"] = "left out, stain does not match: " + "; ".join(off_stain)
+                if (report.get("quality") or {}).get("stain_warning"):
+                    warned.append(f"{m['slide_id']}: {report['quality']['stain_warning']}")
+        notes = (["left out, listed with another stain: " + "; ".join(off_stain)]
+                 if off_stain else []) + warned
+        case["note"] = " | ".join(notes)
         if missing:
             case.update(status="incomplete",
                         error=f"slide(s) not finished: {', '.join(missing)}")
