@@ -63,3 +63,12 @@ class SlideLocked(WsiError):
 
 class InputListError(WsiError):
     """A CSV slide list or a --config file is malformed."""
+
+
+class CaseIncomplete(WsiError):
+    """A glomerular-dx case folder lacks a modality (om/ slide, im/ or tem/ images)."""
+
+
+class CaseImageError(WsiError):
+    """An IM or TEM image of a case cannot be read, or is not greyscale/RGB (e.g. 2 or 4+
+    channels, a transparent alpha, float pixels, a stack of pages without an RGB page)."""

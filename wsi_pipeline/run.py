@@ -116,6 +116,10 @@ def _run_stages(slide: Slide, path: str | Path, task: TaskSpec, slide_id: str,
     ctx: dict[str, Any] = {"slide": slide, "store": store, "task": task, "opts": opts,
                            "fingerprint": fingerprint, "log": log, "slide_id": slide_id,
                            "out_dir": out_dir}
+    if task.input_kind == "case":  # a case missing a modality fails before the slide work
+        from .case import read_case
+
+        ctx["case"] = read_case(path)
     results: dict[str, Any] = {}
     if opts.until in MODEL_STAGES:   # a wrong or unreadable checkpoint fails before the work
         _model(ctx)
@@ -409,6 +413,8 @@ def _run_stitch(ctx: dict[str, Any], results: dict[str, Any], inputs: str) -> di
 
 def _measure_params(ctx: dict[str, Any]) -> dict[str, Any]:
     params = task_rules(ctx["task"]).measure_params()
+    if "case" in ctx:  # the IM and TEM files are inputs of the measure stage
+        params["case_files"] = ctx["case"].fingerprint
     classifier = _classifier(ctx)
     if classifier is not None:
         params["classifier_sha256"] = classifier[1]["sha256"]
@@ -546,6 +552,8 @@ def build_report(slide: Slide, task: TaskSpec, slide_id: str, opts: RunOptions,
     report["objects"] = [
         {"id": i, "class": o["kind"], "centroid_um": o["centroid_um"], **o["measurements"]}
         for i, o in enumerate(measured["objects"])]
+    if "case" in measured:  # glomerular-dx: files used, per-modality heads, SMIL's picks
+        report["case"] = measured["case"]
     report["inference"] = results.get("infer")
     report["outputs"] = (results.get("export") or {}).get("files")
     return report

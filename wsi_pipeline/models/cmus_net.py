@@ -33,6 +33,8 @@ Our choices (recorded here, configurable where it matters):
   its slot of the fusion input and ``None`` as its logits (``cmus_loss`` skips it). The
   fusion head never saw zeros in training unless trained that way, so treat such output
   as degraded. TEM cannot be missing: every case needs at least one real TEM image.
+- [choice] ``smil=False`` (the ablation "without SMIL"): F_TEM is the plain mean of the
+  real TEM instances' tokens; every instance is "kept" with weight 1 and ``medoid`` is -1.
 """
 
 from __future__ import annotations
@@ -190,7 +192,7 @@ class CMUSNet(nn.Module):
     def __init__(self, encoder_name: str = DEFAULT_ENCODER, encoder_depth: int = DEFAULT_DEPTH,
                  width: int = DEFAULT_WIDTH, heads: int = 4, image_px: int = 224,
                  max_tem: int = 10, classes: int | Sequence[str] = DEFAULT_CLASSES,
-                 dropout: float = 0.5, t: float = SMIL_T) -> None:
+                 dropout: float = 0.5, t: float = SMIL_T, smil: bool = True) -> None:
         super().__init__()
         names = _class_names(classes)
         if image_px < 1 or max_tem < 1 or not 0 <= dropout < 1 or t <= 0:
@@ -199,10 +201,11 @@ class CMUSNet(nn.Module):
         self.arch_kwargs: dict[str, Any] = {
             "encoder_name": encoder_name, "encoder_depth": encoder_depth, "width": width,
             "heads": heads, "image_px": image_px, "max_tem": max_tem,
-            "classes": list(names), "dropout": dropout, "t": t}
+            "classes": list(names), "dropout": dropout, "t": t, "smil": bool(smil)}
         self.class_names = names
         self.classes = len(names)
         self.image_px, self.max_tem, self.t, self.width = image_px, max_tem, t, width
+        self.smil = bool(smil)
         self.enc_om = TokenEncoder(encoder_name, encoder_depth, width)
         self.enc_im = TokenEncoder(encoder_name, encoder_depth, width)
         self.enc_tem = TokenEncoder(encoder_name, encoder_depth, width)
@@ -258,9 +261,15 @@ class CMUSNet(nn.Module):
         for case in range(b):
             n_real = int(tem_mask[case].sum())
             slots = tem_mask[case].nonzero().flatten()
-            fused, idx, w, c = _smil(tokens[start:start + n_real], self.t,
-                                     torch.ones(n_real, dtype=torch.bool))
+            bag = tokens[start:start + n_real]
             start += n_real
+            if not self.smil:  # the ablation: mean of the real instances
+                f_tem.append(bag.mean(0))
+                kept.append(slots)
+                weights.append(bag.new_ones(n_real))
+                medoid.append(-1)
+                continue
+            fused, idx, w, c = _smil(bag, self.t, torch.ones(n_real, dtype=torch.bool))
             f_tem.append(fused)
             kept.append(slots[idx])
             weights.append(w)
