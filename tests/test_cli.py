@@ -276,8 +276,16 @@ def test_every_task_runs_to_the_pyramid_on_a_real_slide(capsys, tmp_path, task):
 def test_glomerular_dx_takes_a_case_folder(capsys, tmp_path):
     case = tmp_path / "case01"
     (case / "om").mkdir(parents=True)
-    (case / "im").mkdir()
     shutil.copy(shared("slides", "CMU-1-Small-Region.svs"), case / "om" / "biopsy.svs")
+    # a case missing a modality fails before any slide work, naming it
+    code, _, err = run_cli(capsys, case, "--task", "glomerular-dx", "--out", tmp_path / "o",
+                           "--until", "tissue")
+    assert code == 1 and "im" in err and len(err.strip().splitlines()) <= 2, err
+    from PIL import Image
+
+    for folder, name in (("im", "if.png"), ("tem", "tem_01.png")):
+        (case / folder).mkdir()
+        Image.fromarray(np.full((64, 64, 3), 40, np.uint8)).save(case / folder / name)
     code, _, err = run_cli(capsys, case, "--task", "glomerular-dx", "--out", tmp_path / "o",
                            "--until", "tissue")
     assert code == 0, err
