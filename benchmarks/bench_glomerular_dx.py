@@ -63,13 +63,22 @@ def main() -> None:
     print(f"{len(cases)} cases ready in {prep:.0f} s (cohort seed {args.seed}, OM {args.size})")
     opts = CaseTrainOptions(epochs=args.epochs, lr=args.lr)
     results = {}
+    setting = {"cases": args.cases, "seed": args.seed, "size": args.size,
+               "folds": args.folds, "epochs": args.epochs, "lr": args.lr}
     for smil in (True, False):
+        # each arm's result is kept in WORK: a rerun after a kill redoes only what is missing
+        saved = args.work / f"cv_{'smil' if smil else 'mean'}.json"
+        if saved.is_file() and json.loads(saved.read_text())["setting"] == setting:
+            results[smil] = json.loads(saved.read_text())["result"]
+            print(f"CV {'with' if smil else 'without'} SMIL: reused {saved}")
+            continue
         kw = {**DEMO_ARCH, "classes": list(CLASSES), "smil": smil}
         t1 = time.perf_counter()
         results[smil] = cross_validate(cases, args.folds,
                                        lambda kw=kw: build_model("cmus_net", **kw), opts,
                                        device, log=lambda m: print("  " + m, flush=True))
         print(f"CV {'with' if smil else 'without'} SMIL: {time.perf_counter() - t1:.0f} s")
+        saved.write_text(json.dumps({"setting": setting, "result": results[smil]}))
     rows = [("fusion (SMIL)", results[True], "fusion"), ("OM head", results[True], "om"),
             ("IM head", results[True], "im"), ("TEM head", results[True], "tem"),
             ("fusion without SMIL", results[False], "fusion")]
