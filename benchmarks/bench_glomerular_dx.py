@@ -8,10 +8,17 @@ and the seconds per case of ``wsi-run`` with the bundled demo weights.
 Cases come from `wsi_pipeline.synth.cases.write_case_cohort` (balanced IgAN / MN / LN, each
 modality weak with probability 0.2, 15-40 % of each TEM bag uninformative) and are read as
 ``wsi-train --task glomerular-dx`` reads them (`train_cases.collect_cases`). For each fold a
-fresh CMUS-Net (``train_cases.DEMO_ARCH``) is trained with SMIL and one without (the TEM
-bag's plain mean, ``smil=False``); held-out cases are classified as inference does. Rows:
-the fusion output, the OM, IM and TEM heads of the SMIL model, the fusion without SMIL:
-accuracy mean +/- sd over the folds and per fold. Then ``wsi-run`` (cli ``main``) runs
+fresh model is trained per arm (``--arms``) and held-out cases are classified as inference
+does:
+
+- ``smil``, ``mean``: CMUS-Net (``train_cases.DEMO_ARCH``) with SMIL, and without it (the
+  TEM bag's plain mean, ``smil=False``); the SMIL model's OM, IM and TEM heads are rows too;
+- ``om``, ``im``, ``tem``, ``tem-mean``: one modality trained alone (`SingleModality`: the
+  same encoder and head, no CMSA, no fusion, loss CE of that head only; TEM with SMIL or
+  with the bag mean).
+
+Rows: accuracy mean +/- sd over the folds and per fold. Each arm's result is kept in WORK,
+so a rerun after a kill redoes only the missing arms. Then ``wsi-run`` (cli ``main``) runs
 ``--time-cases`` cases of the cohort from scratch with the demo weights: seconds per case
 (every stage, the OM slide included) and, when the cohort is not the demo weights' own,
 their accuracy.
@@ -29,6 +36,7 @@ import numpy as np
 import torch
 
 from wsi_pipeline.models import build_model
+from wsi_pipeline.models.cmus_net import CMUSNet
 from wsi_pipeline.tasks.glomerular_dx import CLASSES
 from wsi_pipeline.train_cases import (
     DEMO_ARCH,
@@ -38,6 +46,39 @@ from wsi_pipeline.train_cases import (
     cross_validate,
     make_synthetic_cases,
 )
+
+ARMS = ("smil", "mean", "om", "im", "tem", "tem-mean")
+
+
+class SingleModality(CMUSNet):
+    """One modality of CMUS-Net alone: its encoder, mean-pooled tokens and its head (TEM:
+    the bag fused by SMIL, or by the mean with ``smil=False``); no CMSA, no fusion head.
+    The output puts that head's logits under ``logits`` and None under the per-modality
+    keys, so ``cmus_loss`` is that head's CE alone and evaluation scores it as "fusion"."""
+
+    def __init__(self, modality: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.modality = modality
+
+    def forward(self, om=None, im=None, tem=None, tem_mask=None) -> dict:
+        if self.modality == "tem":
+            out = super().forward(None, None, tem, tem_mask)
+            return {**out, "logits": out["tem"], "om": None, "im": None, "tem": None}
+        x = om if self.modality == "om" else im
+        enc, head = ((self.enc_om, self.head_om) if self.modality == "om"
+                     else (self.enc_im, self.head_im))
+        b = x.shape[0]
+        empty = torch.zeros(0, dtype=torch.int64)
+        return {"logits": head(enc(self._resize(x)).mean(1)), "om": None, "im": None,
+                "tem": None, "kept": [empty] * b, "weights": [empty.float()] * b,
+                "medoid": [-1] * b}
+
+
+def build_arm(arm: str) -> torch.nn.Module:
+    kw = {**DEMO_ARCH, "classes": list(CLASSES), "smil": arm not in ("mean", "tem-mean")}
+    if arm in ("smil", "mean"):
+        return build_model("cmus_net", **kw)
+    return SingleModality(arm.split("-")[0], **kw)
 
 
 def main() -> None:
@@ -49,6 +90,7 @@ def main() -> None:
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--epochs", type=int, default=CaseTrainOptions.epochs)
     p.add_argument("--lr", type=float, default=CaseTrainOptions.lr)
+    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {ARMS}")
     p.add_argument("--time-cases", type=int, default=3)
     p.add_argument("--work", type=Path, default=Path("/tmp/bench_gdx"))
     args = p.parse_args()
@@ -62,34 +104,40 @@ def main() -> None:
     prep = time.perf_counter() - t0
     print(f"{len(cases)} cases ready in {prep:.0f} s (cohort seed {args.seed}, OM {args.size})")
     opts = CaseTrainOptions(epochs=args.epochs, lr=args.lr)
+    arms = [a for a in args.arms.split(",") if a]
+    if not set(arms) <= set(ARMS):
+        p.error(f"--arms: unknown {sorted(set(arms) - set(ARMS))}; choose from {ARMS}")
     results = {}
     setting = {"cases": args.cases, "seed": args.seed, "size": args.size,
                "folds": args.folds, "epochs": args.epochs, "lr": args.lr}
-    for smil in (True, False):
-        # each arm's result is kept in WORK: a rerun after a kill redoes only what is missing
-        saved = args.work / f"cv_{'smil' if smil else 'mean'}.json"
+    for arm in arms:
+        saved = args.work / f"cv_{arm}.json"
         if saved.is_file() and json.loads(saved.read_text())["setting"] == setting:
-            results[smil] = json.loads(saved.read_text())["result"]
-            print(f"CV {'with' if smil else 'without'} SMIL: reused {saved}")
+            results[arm] = json.loads(saved.read_text())["result"]
+            print(f"CV {arm}: reused {saved}")
             continue
-        kw = {**DEMO_ARCH, "classes": list(CLASSES), "smil": smil}
         t1 = time.perf_counter()
-        results[smil] = cross_validate(cases, args.folds,
-                                       lambda kw=kw: build_model("cmus_net", **kw), opts,
-                                       device, log=lambda m: print("  " + m, flush=True))
-        print(f"CV {'with' if smil else 'without'} SMIL: {time.perf_counter() - t1:.0f} s")
-        saved.write_text(json.dumps({"setting": setting, "result": results[smil]}))
-    rows = [("fusion (SMIL)", results[True], "fusion"), ("OM head", results[True], "om"),
-            ("IM head", results[True], "im"), ("TEM head", results[True], "tem"),
-            ("fusion without SMIL", results[False], "fusion")]
+        results[arm] = cross_validate(cases, args.folds, lambda arm=arm: build_arm(arm), opts,
+                                      device, log=lambda m: print("  " + m, flush=True))
+        results[arm]["seconds"] = round(time.perf_counter() - t1)
+        print(f"CV {arm}: {results[arm]['seconds']} s")
+        saved.write_text(json.dumps({"setting": setting, "result": results[arm]}))
+    names = {"smil": "fusion (SMIL)", "mean": "fusion without SMIL", "om": "OM alone",
+             "im": "IM alone", "tem": "TEM alone (SMIL)", "tem-mean": "TEM alone (mean)"}
+    rows = []
+    for arm in arms:
+        rows.append((names[arm], results[arm], "fusion"))
+        if arm == "smil":
+            rows += [(f"  {h.upper()} head of it", results[arm], h) for h in ("om", "im", "tem")]
     print(f"\n{args.folds}-fold patient-level CV, {len(cases)} synthetic cases, "
           f"{args.epochs} epochs, lr {args.lr:g}")
-    print(f"| {'output':22s} | accuracy mean +/- sd | per fold |")
-    print(f"|{'-' * 24}|{'-' * 21}|{'-' * 10}|")
+    print(f"| {'model / output':22s} | accuracy mean +/- sd | per fold | train s |")
+    print(f"|{'-' * 24}|{'-' * 21}|{'-' * 10}|{'-' * 9}|")
     for name, res, head in rows:
         acc = res["accuracy"][head]
         folds = " ".join(f"{r[f'accuracy_{head}']:.2f}" for r in res["per_fold"])
-        print(f"| {name:22s} | {acc['mean']:.3f} +/- {acc['sd']:.3f}       | {folds} |")
+        print(f"| {name:22s} | {acc['mean']:.3f} +/- {acc['sd']:.3f}       | {folds} | "
+              f"{res.get('seconds', '')} |")
 
     if args.time_cases > 0:
         from wsi_pipeline.cli import main as wsi_run

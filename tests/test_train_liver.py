@@ -16,7 +16,13 @@ import torch
 from wsi_pipeline.batch import expand_inputs, write_cases, write_summary
 from wsi_pipeline.errors import UsageError
 from wsi_pipeline.tasks import get_task, liver
-from wsi_pipeline.train import TrainSlide, _complementary_loss, read_cohort, sample_mixed
+from wsi_pipeline.train import (
+    TrainSlide,
+    _complementary_loss,
+    read_cohort,
+    sample_mixed,
+    split_slides,
+)
 
 TASK = get_task("liver")
 
@@ -37,8 +43,9 @@ def _cohort(folder: Path, rows: list[tuple[str, str, str]]) -> Path:
 def test_read_cohort_gives_weak_slides_the_other_tumour_as_complementary_label(tmp_path):
     csv_path = _cohort(tmp_path, [("a.svs", "HCC", "1"), ("b.svs", "HCC", "0"),
                                   ("c.svs", "CCA", "0"), ("d.svs", "cca", "")])
-    paths, comps = read_cohort(csv_path, TASK)
+    paths, comps, groups = read_cohort(csv_path, TASK)
     assert [p.name for p in paths] == ["a.svs", "b.svs", "c.svs", "d.svs"]
+    assert groups == [("p0", "HCC"), ("p1", "HCC"), ("p2", "CCA"), ("p3", "CCA")]
     hcc, cca = TASK.model.classes.index("hcc"), TASK.model.classes.index("cca")
     # annotated -> -1; an HCC patient's slide cannot show CCA and vice versa; no
     # 'annotated' value and no annotations beside it -> weak
@@ -94,6 +101,32 @@ def test_weak_share_of_each_plan_is_fixed():
     plan = sample_mixed(slides, 1000, 64, np.random.default_rng(0), 0.0, 0.25,
                         lambda s: s.weak)
     assert (plan[:, 0] == 0).sum() == 750
+
+
+def test_validation_split_keeps_patients_whole_and_takes_each_diagnosis():
+    # 6 annotated patients (3 HCC, 3 CCA; two of them with two slides) and 2 weak slides
+    tiles = np.stack([np.zeros(4, int), np.arange(4)], 1)
+    positives = np.ones((5, 2), int)
+    rows = [("a1", "pa", "HCC"), ("a2", "pa", "HCC"), ("b", "pb", "HCC"), ("c", "pc", "HCC"),
+            ("d1", "pd", "CCA"), ("e", "pe", "CCA"), ("d2", "pd", "CCA"), ("f", "pf", "CCA")]
+    slides = [TrainSlide(n, Path("s.svs"), Path("s.zarr"), None, tiles, positives,
+                         (512, 2048), 512) for n, _, _ in rows]
+    slides += [TrainSlide(f"w{i}", Path("s.svs"), Path("s.zarr"), None, tiles,
+                          np.zeros((0, 2), int), (512, 2048), 512, "human", 3) for i in range(2)]
+    groups = [(p, d) for _, p, d in rows] + [("pw", "HCC")] * 2
+    patient = {n: p for n, p, _ in rows}
+    diagnosis = {p: d for _, p, d in rows}
+    for seed in range(20):
+        train, val = split_slides(slides, 0.2, seed, groups)
+        assert sorted(s.slide_id for s in train + val) == sorted(s.slide_id for s in slides)
+        val_patients = {patient[s.slide_id] for s in val}
+        # one patient of each diagnosis (round(0.2 * 3) = 1), with all of its slides
+        assert sorted(diagnosis[p] for p in val_patients) == ["CCA", "HCC"], seed
+        assert not val_patients & {patient.get(s.slide_id) for s in train}, seed
+        assert {"w0", "w1"} <= {s.slide_id for s in train}  # weak slides always train
+    # without groups: slide-level, as before
+    train, val = split_slides(slides, 0.2, 0)
+    assert len(val) == 2 and not {s.slide_id for s in val} & {"w0", "w1"}
 
 
 def test_slide_and_patient_rule_by_hand():

@@ -319,8 +319,10 @@ def prepare_slides(paths: Sequence[Path], task: TaskSpec, work: Path, *, workers
     return out
 
 
-def read_cohort(csv_path: Path, task: TaskSpec) -> tuple[list[Path], list[int]]:
-    """Slides of a cohort list and the complementary class of each (-1: pixel-annotated).
+def read_cohort(csv_path: Path, task: TaskSpec
+                ) -> tuple[list[Path], list[int], list[tuple[str, str]]]:
+    """Slides of a cohort list, the complementary class of each (-1: pixel-annotated) and
+    each slide's (patient_id, diagnosis) for the validation split ("" when not given).
 
     Columns: ``slide`` or ``path`` (relative to the list), ``diagnosis`` (a key of the
     task's ``complementary`` map, e.g. HCC or CCA), optional ``annotated`` (1/0; without
@@ -335,7 +337,7 @@ def read_cohort(csv_path: Path, task: TaskSpec) -> tuple[list[Path], list[int]]:
         rows = list(csv.DictReader(csv_path.read_text(encoding="utf-8-sig").splitlines()))
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"{csv_path}: cannot read the cohort list ({exc})") from None
-    paths, comps = [], []
+    paths, comps, groups = [], [], []
     for line, row in enumerate(rows, start=2):
         row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
         raw = row.get("slide") or row.get("path")
@@ -364,34 +366,55 @@ def read_cohort(csv_path: Path, task: TaskSpec) -> tuple[list[Path], list[int]]:
                 comp = task.model.classes.index(comp_map[diagnosis])
         paths.append(path)
         comps.append(comp)
+        groups.append((row.get("patient_id", ""), row.get("diagnosis", "").upper()))
     if not paths:
         raise UsageError(f"{csv_path}: the cohort list has no rows")
-    return paths, comps
+    return paths, comps, groups
 
 
-def split_slides(slides: Sequence[TrainSlide], val_fraction: float, seed: int
+def split_slides(slides: Sequence[TrainSlide], val_fraction: float, seed: int,
+                 groups: Sequence[tuple[str, str]] | None = None
                  ) -> tuple[list[TrainSlide], list[TrainSlide]]:
-    """Slide-level split, stratified by whether a slide has positive annotations, so both
-    sides see positives when there are at least two positive slides. Mouse slides (the
-    cross-species helpers of kidney-layer) and weakly labelled slides always train:
-    validation is on pixel-annotated human slides."""
-    rng = np.random.default_rng(seed)
-    train: list[TrainSlide] = [s for s in slides if s.species != "human" or s.weak]
-    val: list[TrainSlide] = []
+    """Patient-level split: all slides of a patient on the same side, patients stratified
+    so that every stratum with at least two patients gives validation one or more.
+
+    ``groups`` holds each slide's (patient_id, stratum), e.g. the patient's diagnosis; an
+    empty patient_id makes the slide its own patient, an empty stratum stands for "has
+    positive annotations" (or not). Without ``groups`` every slide is its own patient,
+    stratified by positives. Mouse slides (the cross-species helpers of kidney-layer) and
+    weakly labelled slides always train: validation is on pixel-annotated human slides."""
     if val_fraction <= 0:
         return list(slides), []
-    human = [s for s in slides if s.species == "human" and not s.weak]
-    for group in ([s for s in human if len(s.positives_px)],
-                  [s for s in human if not len(s.positives_px)]):
+    groups = list(groups) if groups is not None else [("", "")] * len(slides)
+    if len(groups) != len(slides):
+        raise ValueError(f"{len(groups)} groups for {len(slides)} slides")
+    rng = np.random.default_rng(seed)
+    train: list[TrainSlide] = [s for s in slides if s.species != "human" or s.weak]
+    candidates = [i for i, s in enumerate(slides) if s.species == "human" and not s.weak]
+    patients: dict[str, list[int]] = {}  # first-appearance order
+    for i in candidates:
+        patients.setdefault(groups[i][0] or f"slide:{slides[i].slide_id}", []).append(i)
+    # strata in a fixed order: with positives, without, then the named ones
+    strata: dict[tuple[int, str], list[str]] = {}
+    for patient, members in patients.items():
+        named = groups[members[0]][1]
+        positive = any(len(slides[i].positives_px) for i in members)
+        stratum = (2, named) if named else (0, "positive") if positive else (1, "negative")
+        strata.setdefault(stratum, []).append(patient)
+    val_ids: set[int] = set()
+    for stratum in sorted(strata):
+        group = strata[stratum]
         order = rng.permutation(len(group))
         n_val = min(len(group) - 1, round(val_fraction * len(group))) if len(group) > 1 else 0
-        if n_val == 0 and len(group) > 1 and val_fraction > 0:
+        if n_val == 0 and len(group) > 1:
             n_val = 1
-        val += [group[i] for i in order[:n_val]]
-        train += [group[i] for i in order[n_val:]]
+        for j in order[:n_val]:
+            val_ids.update(patients[group[j]])
+    val = [slides[i] for i in candidates if i in val_ids]
+    train += [slides[i] for i in candidates if i not in val_ids]
     if not val:
         raise UsageError(f"{len(slides)} slide(s) cannot be split for validation: give at least "
-                         "two slides, --val, or --val-fraction 0")
+                         "two slides (patients), --val, or --val-fraction 0")
     return train, val
 
 
@@ -791,7 +814,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "tile, 512)")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--val-fraction", type=float, default=0.25,
-                   help="fraction of slides held out for validation (slide-level)")
+                   help="fraction of patients held out for validation, per diagnosis "
+                   "(a --cohort list's patient_id and diagnosis; otherwise each slide is a "
+                   "patient, stratified by having positive annotations)")
     p.add_argument("--val", nargs="+", metavar="PATH", help="validation slides or folders "
                    "(instead of --val-fraction)")
     p.add_argument("--val-patches", type=int, default=d.val_patches)
@@ -896,6 +921,7 @@ def _main(argv: list[str]) -> int:
 
     paths = expand_slides(args.data)
     comps = [-1] * len(paths)
+    groups = [("", "")] * len(paths)  # (patient_id, diagnosis) for the validation split
     synth: dict[str, Any] | None = None
     cohort_csv = args.cohort
     if args.synth and task.model.complementary:
@@ -913,11 +939,13 @@ def _main(argv: list[str]) -> int:
                  "size_px": list(synth_size), "mpp": 0.5, "generator": "wsi-synth"}
         paths += made
         comps += [-1] * len(made)
+        groups += [("", "")] * len(made)
     if cohort_csv is not None:
-        listed, listed_comps = read_cohort(cohort_csv, task)
+        listed, listed_comps, listed_groups = read_cohort(cohort_csv, task)
         keep = [i for i, c in enumerate(listed_comps) if c < 0 or opts.compl_lambda > 0]
         paths += [listed[i] for i in keep]
         comps += [listed_comps[i] for i in keep]
+        groups += [listed_groups[i] for i in keep]
         say(f"cohort {cohort_csv}: {sum(c < 0 for c in listed_comps)} pixel-annotated, "
             f"{sum(c >= 0 for c in listed_comps)} weakly labelled slides"
             + ("" if opts.compl_lambda > 0 else " (left out: --compl-lambda 0)"))
@@ -930,6 +958,7 @@ def _main(argv: list[str]) -> int:
             "seeds": [SYNTH_MOUSE_SEED + i for i in range(args.synth_mouse)],
             "size_px": list(mouse_size), "mpp": 1.0}}
         comps += [-1] * args.synth_mouse
+        groups += [("", "")] * args.synth_mouse
     val_paths = expand_slides(args.val) if args.val else []
     from .batch import unique_ids
 
@@ -939,7 +968,7 @@ def _main(argv: list[str]) -> int:
     if val_paths:
         train, val = slides[:len(paths)], slides[len(paths):]
     else:
-        train, val = split_slides(slides, args.val_fraction, opts.seed)
+        train, val = split_slides(slides, args.val_fraction, opts.seed, groups)
     if not any(len(s.positives_px) for s in train):
         names = ", ".join(sorted({n for v in task.model.annotations.values() for n in v}))
         raise UsageError(f"no positive annotations ({names}) in the training slides")

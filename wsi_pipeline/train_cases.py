@@ -356,7 +356,7 @@ def evaluate_cases(model: torch.nn.Module, cases: Sequence[CaseData], device: to
                    ) -> dict[str, Any]:
     """Each case as inference classifies it (`tasks.glomerular_dx.predict_case` on up to
     ``EVAL_CROPS`` OM crops): accuracy of the fusion and of each modality head, and the
-    (N, K) fusion probabilities."""
+    (N, K) fusion probabilities. A head the model lacks (its logits None) scores None."""
     from .tasks.glomerular_dx import predict_case
 
     probs: dict[str, list[np.ndarray]] = {h: [] for h in ("fusion", "om", "im", "tem")}
@@ -365,9 +365,10 @@ def evaluate_cases(model: torch.nn.Module, cases: Sequence[CaseData], device: to
         for h in probs:
             probs[h].append(pred[h])
     labels = np.array([c.label for c in cases])
-    out: dict[str, Any] = {f"accuracy_{h}": round(float((np.argmax(np.stack(p), 1)
-                                                         == labels).mean()), 4)
-                           for h, p in probs.items()}
+    out: dict[str, Any] = {
+        f"accuracy_{h}": None if any(q is None for q in p) else
+        round(float((np.argmax(np.stack(p), 1) == labels).mean()), 4)
+        for h, p in probs.items()}
     out["probabilities"] = np.stack(probs["fusion"])
     return out
 
@@ -392,11 +393,14 @@ def cross_validate(cases: Sequence[CaseData], k: int, build: Callable[[], torch.
             predicted[c.case_id] = int(np.argmax(p))
         rows.append({"fold": f + 1, "train_cases": len(train), "test_cases": len(test),
                      **ev, "train_seconds": fit["seconds"]})
-        log(f"fold {f + 1}/{k}: accuracy fusion {ev['accuracy_fusion']:.3f}  OM "
-            f"{ev['accuracy_om']:.3f}  IM {ev['accuracy_im']:.3f}  TEM "
-            f"{ev['accuracy_tem']:.3f}  ({len(test)} held-out cases)")
+        scores = "  ".join(f"{h} {ev[f'accuracy_{h}']:.3f}" for h in ("fusion", "om", "im",
+                                                                     "tem")
+                           if ev[f"accuracy_{h}"] is not None)
+        log(f"fold {f + 1}/{k}: accuracy {scores}  ({len(test)} held-out cases)")
     summary = {}
     for h in ("fusion", "om", "im", "tem"):
+        if rows[0][f"accuracy_{h}"] is None:
+            continue
         acc = np.array([r[f"accuracy_{h}"] for r in rows])
         summary[h] = {"mean": round(float(acc.mean()), 4), "sd": round(float(acc.std()), 4)}
     return {"folds": k, "per_fold": rows, "accuracy": summary,

@@ -21,7 +21,14 @@ import numpy as np
 from scipy import ndimage
 
 from ..export import polygons_from_mask
-from ..stitch import connected_components
+from ..stitch import (
+    connected_components,
+    iter_bands,
+    new_label_map,
+    thumbnail_tissue,
+    tissue_band,
+)
+from ..store import SlideStore
 from . import ModelSpec, TaskSpec
 
 MODEL = ModelSpec(
@@ -102,3 +109,27 @@ def read_crops(image, image_mpp: float, centres_um: np.ndarray, params: Glomerul
         cy, cx = int(round(y_um / image_mpp)), int(round(x_um / image_mpp))
         out[i] = read_patch(image, cy - half, cx - half, params.crop_px)
     return out
+
+
+def stitch_candidates(store: SlideStore, legend: dict[int, str]) -> dict:
+    """The stitch stage of a task built on the detector: ``pred/labels`` ((H, W) uint8 at
+    the prediction MPP, ``legend``) marks glomerulus candidates (detector probability >=
+    `GlomerulusParams.threshold`) inside tissue with 1; tissue and candidate areas in
+    mm2."""
+    prob = store.root["pred/prob"]
+    mpp = float(prob.attrs["mpp"])
+    tissue_lowres, tissue_mpp = thumbnail_tissue(store)
+    width = prob.shape[2]
+    cut = GlomerulusParams().threshold * 255
+    labels = new_label_map(store, "pred/labels", prob, legend)
+    tissue_px = candidate_px = 0
+    for y0, band in iter_bands(prob):
+        h = band.shape[1]
+        tissue = tissue_band(tissue_lowres, tissue_mpp, y0, (h, width), mpp)
+        candidates = (band[0] >= cut) & tissue
+        labels[y0:y0 + h, :] = candidates.astype(np.uint8)
+        tissue_px += int(tissue.sum())
+        candidate_px += int(candidates.sum())
+    px_mm2 = mpp * mpp / 1e6
+    return {"mpp": mpp, "areas_mm2": {"tissue": round(tissue_px * px_mm2, 5),
+                                      "glomerulus_candidates": round(candidate_px * px_mm2, 5)}}

@@ -16,10 +16,16 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ..stitch import iter_bands, new_label_map, thumbnail_tissue, tissue_band
+from ..stitch import new_label_map
 from ..store import SlideStore
 from . import MeasureInputs, ModelSpec, TaskSpec
-from .glomeruli import GlomerulusParams, detector_at, find_glomeruli, read_crops
+from .glomeruli import (
+    GlomerulusParams,
+    detector_at,
+    find_glomeruli,
+    read_crops,
+    stitch_candidates,
+)
 
 CLASSIFIER = ModelSpec(arch="glomerulus_classifier", classes=("hypercellular",),
                        annotations={"hypercellular": ("glomerulus_hypercellular", "M1")},
@@ -57,25 +63,9 @@ Params = MesangialParams
 
 
 def stitch(store: SlideStore, params: MesangialParams) -> dict:
-    """The stitch stage: ``pred/labels`` ((H, W) uint8, `LEGEND`): glomerulus candidates
-    (detector probability >= the threshold) inside tissue; areas in mm2."""
-    prob = store.root["pred/prob"]
-    mpp = float(prob.attrs["mpp"])
-    tissue_lowres, tissue_mpp = thumbnail_tissue(store)
-    _, height, width = prob.shape
-    cut = GlomerulusParams().threshold * 255
-    labels = new_label_map(store, "pred/labels", prob, LEGEND)
-    tissue_px = candidate_px = 0
-    for y0, band in iter_bands(prob):
-        h = band.shape[1]
-        tissue = tissue_band(tissue_lowres, tissue_mpp, y0, (h, width), mpp)
-        band_labels = ((band[0] >= cut) & tissue).astype(np.uint8) * CANDIDATE
-        labels[y0:y0 + h, :] = band_labels
-        tissue_px += int(tissue.sum())
-        candidate_px += int(band_labels.astype(bool).sum())
-    px_mm2 = mpp * mpp / 1e6
-    return {"mpp": mpp, "areas_mm2": {"tissue": round(tissue_px * px_mm2, 5),
-                                      "glomerulus_candidates": round(candidate_px * px_mm2, 5)}}
+    """The stitch stage: glomerulus candidates inside tissue as `LEGEND`'s ``CANDIDATE``
+    (`glomeruli.stitch_candidates`)."""
+    return stitch_candidates(store, LEGEND)
 
 
 def score(p_hyper: np.ndarray, params: MesangialParams) -> dict:
