@@ -191,9 +191,12 @@ def test_sigint_stops_cleanly_and_a_rerun_resumes(fls_slide, tmp_path):
     out = tmp_path / "out"
     folder = out / slide.stem
     marks = folder / "store.zarr" / ".progress" / "pyramid"
+    # SIGINT as a terminal's Ctrl-C delivers it: pytest-xdist workers ignore SIGINT, and a
+    # child would inherit that (Python then installs no KeyboardInterrupt handler)
     proc = subprocess.Popen([*WSI_RUN, str(slide), "--task", "fls", "--out", str(out),
                              "--until", "pyramid", "--workers", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not (marks.is_dir() and any(marks.iterdir())):
         assert proc.poll() is None, proc.communicate()

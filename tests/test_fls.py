@@ -17,8 +17,9 @@ from wsi_pipeline.synth import truth_labels_on_grid
 from wsi_pipeline.tasks.fls import FOCUS
 
 # Seeds 300+ are never used for training (the demo cohort uses wsi-train's own seeds).
-HELD_OUT = {"pos": (301, "positive"), "neg": (302, "negative")}
-SIZE = (6000, 4500)
+# name: (seed, label, (width, height) px at 0.5 um/px): as small as still gives the positive
+# slide a focus of > 200 lymphocytes and the negative one aggregates but no focus
+HELD_OUT = {"pos": (301, "positive", (4000, 3000)), "neg": (302, "negative", (3000, 2400))}
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +28,9 @@ def cohort(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
 
     folder = tmp_path_factory.mktemp("fls_heldout")
     out = {}
-    for name, (seed, label) in HELD_OUT.items():
+    for name, (seed, label, (width, height)) in HELD_OUT.items():
         path = folder / f"{name}.svs"
-        out[name] = path, write_slide("fls", path, width=SIZE[0], height=SIZE[1], mpp=0.5,
+        out[name] = path, write_slide("fls", path, width=width, height=height, mpp=0.5,
                                       seed=seed, label=label)
     return out
 

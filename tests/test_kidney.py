@@ -17,9 +17,9 @@ from wsi_pipeline.synth import truth_labels_on_grid
 from wsi_pipeline.tasks import kidney_layer, mesangial
 
 LAYER = {"adequate": (401, "adequate"), "inadequate": (402, "inadequate")}
-MES = {"m1": (413, "M1"), "m0": (416, "M0")}   # 14 and 12 glomeruli, 79 % and 25 % M1
+MES = {"m1": (413, "M1"), "m0": (416, "M0")}   # 11 and 10 glomeruli, 91 % and 30 % M1
 LAYER_SIZE = (8000, 4000)     # 4 x 2 mm at 0.5 um/px
-MES_SIZE = (10000, 6000)      # 5 x 3 mm: two cores
+MES_SIZE = (8000, 5000)       # 4 x 2.5 mm: two cores
 
 
 def _write(folder: Path, task: str, specs: dict, size: tuple[int, int]) -> dict:
