@@ -30,6 +30,7 @@ import argparse
 import json
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,8 @@ class SingleModality(CMUSNet):
         self.modality = modality
 
     def forward(self, om=None, im=None, tem=None, tem_mask=None) -> dict:
+        if isinstance(om, Mapping):  # training passes the batch dict
+            om, im, tem, tem_mask = (om.get(k) for k in ("om", "im", "tem", "tem_mask"))
         if self.modality == "tem":
             out = super().forward(None, None, tem, tem_mask)
             return {**out, "logits": out["tem"], "om": None, "im": None, "tem": None}

@@ -16,7 +16,7 @@ import zarr
 from wsi_pipeline.cli import main
 from wsi_pipeline.synth import truth_labels_on_grid
 
-SIZE = (3072, 2304)  # 1.5 x 1.2 mm at 0.5 um/px
+SIZE = (2560, 2048)  # 1.3 x 1 mm at 0.5 um/px
 
 
 @pytest.fixture(scope="module")
