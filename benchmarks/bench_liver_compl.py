@@ -8,7 +8,8 @@ A synthetic training cohort of ``--patients`` patients (``wsi-synth --task liver
 trains the same U-Net twice with the same optimisation budget: on the annotated slides
 alone (``--compl-lambda 0``) and on those plus the weak slides (supervised focal CE +
 lambda * L_compl; half of every batch weak). ``--same-annotated-patches`` gives the weak
-arm twice the steps, so both see as many annotated patches. Each checkpoint then runs
+arm twice the steps, so both see as many annotated patches, and adds an "annotated only,
+2x" arm with those steps too (the same compute without weak slides). Each checkpoint then runs
 through the whole pipeline (``wsi-run``, patients from the cohort list) on ``--heldout``
 patients of another seed (no validation split: with so few annotated patients every one
 trains, and the last epoch is kept): case-level balanced accuracy (HCC vs CCA by r over the
@@ -90,8 +91,12 @@ def main() -> None:
         write_liver_cohort(heldout, args.heldout, args.heldout, 9100, w, h)
     rows = []
     for seed in args.seeds:
-        for arm, lam in (("annotated only", 0.0), ("+ weak (L_compl)", args.compl_lambda)):
-            steps = args.steps * (2 if lam > 0 and args.same_annotated_patches else 1)
+        arms = [("annotated only", 0.0, args.steps)]
+        if args.same_annotated_patches:  # and the same number of steps without weak slides
+            arms.append(("annotated only, 2x", 0.0, 2 * args.steps))
+        arms.append(("+ weak (L_compl)", args.compl_lambda,
+                     args.steps * (2 if args.same_annotated_patches else 1)))
+        for arm, lam, steps in arms:
             name = f"s{seed}_l{lam:g}_{steps}"
             ckpt = args.work / "weights" / name
             t0 = time.perf_counter()
@@ -112,11 +117,13 @@ def main() -> None:
                   f"{scores['balanced_accuracy']:.3f}, Dice tumour {scores['dice_tumour']:.3f} "
                   f"(HCC {scores['dice_hcc']:.3f}, CCA {scores['dice_cca']:.3f}); "
                   f"train {train_s:.0f} s, {scores['seconds_per_slide']:.1f} s/slide", flush=True)
-    for arm in ("annotated only", "+ weak (L_compl)"):
+    for arm in dict.fromkeys(r[1] for r in rows):
         got = [r[3] for r in rows if r[1] == arm]
-        print(f"{arm:<17} mean over {len(got)} seed(s): balanced accuracy "
-              f"{np.mean([g['balanced_accuracy'] for g in got]):.3f}, Dice tumour "
-              f"{np.mean([g['dice_tumour'] for g in got]):.3f}")
+        mean_sd = {k: f"{np.mean([g[k] for g in got]):.3f} +/- {np.std([g[k] for g in got]):.3f}"
+                   for k in ("balanced_accuracy", "dice_tumour", "dice_hcc", "dice_cca")}
+        print(f"{arm:<17} over {len(got)} seed(s): balanced accuracy "
+              f"{mean_sd['balanced_accuracy']}, Dice tumour {mean_sd['dice_tumour']} (HCC "
+              f"{mean_sd['dice_hcc']}, CCA {mean_sd['dice_cca']})")
 
 
 if __name__ == "__main__":
