@@ -130,7 +130,7 @@ def main() -> None:
     rows = []
     for arm in arms:
         rows.append((names[arm], results[arm], "fusion"))
-        if arm == "smil":
+        if arm in ("smil", "mean"):
             rows += [(f"  {h.upper()} head of it", results[arm], h) for h in ("om", "im", "tem")]
     print(f"\n{args.folds}-fold patient-level CV, {len(cases)} synthetic cases, "
           f"{args.epochs} epochs, lr {args.lr:g}")
