@@ -12,7 +12,7 @@ fresh model is trained per arm (``--arms``) and held-out cases are classified as
 does:
 
 - ``smil``, ``mean``: CMUS-Net (``train_cases.DEMO_ARCH``) with SMIL, and without it (the
-  TEM bag's plain mean, ``smil=False``); the SMIL model's OM, IM and TEM heads are rows too;
+  TEM bag's plain mean, ``smil=False``); each model's OM, IM and TEM heads are rows too;
 - ``om``, ``im``, ``tem``, ``tem-mean``: one modality trained alone (`SingleModality`: the
   same encoder and head, no CMSA, no fusion, loss CE of that head only; TEM with SMIL or
   with the bag mean).
