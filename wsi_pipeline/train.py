@@ -910,12 +910,7 @@ def _main(argv: list[str]) -> int:
 
     device = torch.device(resolve_device(args.device))
     model, arch_kwargs = _build(task, args, opts)
-    work = args.work or Path(str(args.out) + ".work")
-    for folder in (args.out.parent, work):
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OutputNotWritable(f"cannot create {folder}: {exc.strerror or exc}") from None
+    work = make_folders(args.out, args.work)
     started = time.perf_counter()
     torch.manual_seed(opts.seed)
 
@@ -1017,6 +1012,18 @@ def _options(args: argparse.Namespace) -> TrainOptions:
                         val_patches=args.val_patches, workers=args.workers, seed=args.seed,
                         mouse_fraction=args.mouse_fraction, weak_fraction=args.weak_fraction,
                         compl_lambda=args.compl_lambda)
+
+
+def make_folders(out: Path, work: Path | None) -> Path:
+    """Create the checkpoint's folder and the work folder (default: ``OUT.work``); returns
+    the work folder. Raises OutputNotWritable with one line when either cannot be made."""
+    work = work or Path(str(out) + ".work")
+    for folder in (out.parent, work):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputNotWritable(f"cannot create {folder}: {exc.strerror or exc}") from None
+    return work
 
 
 def _size(text: str, option: str) -> tuple[int, int]:

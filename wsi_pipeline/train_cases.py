@@ -436,7 +436,7 @@ def run_cases(args: Any, argv: Sequence[str], device: torch.device, log: Log = p
     from .models import build_model, count_parameters
     from .stain import REFERENCES
     from .tasks import get_task
-    from .train import _size
+    from .train import _size, make_folders
 
     task = get_task("glomerular-dx")
     spec = task.classifier
@@ -464,12 +464,7 @@ def run_cases(args: Any, argv: Sequence[str], device: torch.device, log: Log = p
 
     if not args.data and not args.synth:
         raise UsageError("nothing to train on: give --data CASE_FOLDERS... and/or --synth N")
-    work = args.work or Path(str(args.out) + ".work")
-    for folder in (args.out.parent, work):
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OutputNotWritable(f"cannot create {folder}: {exc.strerror or exc}") from None
+    work = make_folders(args.out, args.work)
     started = time.perf_counter()
     folders = expand_cases(args.data)
     synth = None
