@@ -84,6 +84,26 @@ def test_liver_exports_tumour_regions(cohort):
     assert (slide_out / "mask.ome.tif").stat().st_size > 0
 
 
+def test_another_tasks_slides_in_the_same_out_never_enter_the_patient_rule(cohort, tmp_path):
+    """The README's demo then ``--task liver`` into the same --out crashed (KeyError 'hcc':
+    the fls row of summary.csv was fed to the liver patient rule)."""
+    import shutil
+
+    folder, rows, out = cohort
+    other = tmp_path / "salivary.svs"
+    shutil.copy(folder / rows[0]["slide"], other)
+    assert main([str(other), "--task", "fls", "--model", "classical", "--out", str(out),
+                 "--quiet"]) == 0
+    assert json.loads((out / "salivary" / "report.json").read_text())["complete"] is True
+    assert main([str(folder / "cohort.csv"), "--task", "liver", "--out", str(out),
+                 "--quiet"]) == 0   # every stage reused; the rule reads liver rows only
+    with open(out / "cases.csv", newline="") as f:
+        cases = {c["patient_id"]: c for c in csv.DictReader(f)}
+    assert set(cases) == {r["patient_id"] for r in rows}
+    assert all(c["status"] == "ok" and "salivary" not in c["slide_ids"]
+               for c in cases.values())
+
+
 def test_a_patient_slide_listed_with_another_stain_is_left_out_and_said(cohort, tmp_path):
     folder, rows, out = cohort
     first = rows[0]

@@ -144,11 +144,11 @@ def test_slide_and_patient_rule_by_hand():
 
 
 def _done(out: Path, slide_id: str, patient: str, hcc: float, cca: float,
-          complete: bool = True) -> dict:
+          complete: bool = True, task: str = "liver") -> dict:
     (out / slide_id).mkdir(parents=True)
     (out / slide_id / "report.json").write_text(json.dumps(
-        {"complete": complete, "areas_mm2": {"hcc": hcc, "cca": cca}}))
-    return {"slide_id": slide_id, "path": f"{slide_id}.svs", "task": "liver",
+        {"task": task, "complete": complete, "areas_mm2": {"hcc": hcc, "cca": cca}}))
+    return {"slide_id": slide_id, "path": f"{slide_id}.svs", "task": task,
             "status": "ok", "patient_id": patient}
 
 
@@ -156,9 +156,10 @@ def test_cases_csv_groups_slides_by_patient_and_never_shows_a_partial_patient(tm
     rows = [_done(tmp_path, "a1", "A", 0.5, 0.1), _done(tmp_path, "a2", "A", 0.0, 0.2),
             _done(tmp_path, "b1", "B", 0.0, 0.4),
             _done(tmp_path, "c1", "C", 0.3, 0.0, complete=False),
-            _done(tmp_path, "lone", "", 0.3, 0.0)]
+            _done(tmp_path, "lone", "", 0.3, 0.0),
+            _done(tmp_path, "fls1", "A", 9.0, 0.0, task="fls")]  # another task: never counted
     write_summary(tmp_path, rows)
-    write_cases(tmp_path, liver)
+    write_cases(tmp_path, liver, "liver")
     with open(tmp_path / "cases.csv", newline="") as f:
         cases = {r["patient_id"]: r for r in csv.DictReader(f)}
     assert set(cases) == {"A", "B", "C", "lone"}

@@ -311,21 +311,23 @@ def write_summary(out: Path, rows: list[dict[str, Any]]) -> None:
         atomic_write_bytes(path, buf.getvalue().encode())
 
 
-def write_cases(out: Path, rules: Any) -> list[dict[str, Any]]:
+def write_cases(out: Path, rules: Any, task_name: str) -> list[dict[str, Any]]:
     """``OUT/cases.csv`` for a task with a patient-level rule (``rules.case_rule``, e.g.
     the liver's r over all of a patient's slides): one row per patient of the merged
     ``summary.csv`` (a slide without ``patient_id`` is a patient of its own), from the
-    ``report.json`` of its slides. A patient with a slide that has not finished gets
-    status "incomplete" and no diagnosis: a partial patient never looks complete. A slide
-    listed with another stain (skipped: a patient with slides of different stains) is left
-    out of the patient's rule and the note says so; with no slide left the patient gets
-    status "stain mismatch" and no diagnosis. A slide whose stain fit only looks like
-    another stain (``quality.stain_warning``, a weak cue) counts, with the warning in the
-    note."""
+    ``report.json`` of its slides. Only rows (and reports) of ``task_name`` count: other
+    tasks' slides in the same ``--out`` never enter the rule.
+
+    A patient with a slide that has not finished gets status "incomplete" and no
+    diagnosis: a partial patient never looks complete. A slide listed with another stain
+    (skipped: a patient with slides of different stains) is left out of the patient's rule
+    and the note says so; with no slide left the patient gets status "stain mismatch" and
+    no diagnosis. A slide whose stain fit only looks like another stain
+    (``quality.stain_warning``, a weak cue) counts, with the warning in the note."""
     import json
 
     with open(out / "summary.csv", newline="", encoding="utf-8") as f:
-        slides = list(csv.DictReader(f))
+        slides = [r for r in csv.DictReader(f) if r.get("task") == task_name]
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in slides:
         groups.setdefault(r.get("patient_id") or r["slide_id"], []).append(r)
@@ -342,7 +344,7 @@ def write_cases(out: Path, rules: Any) -> list[dict[str, Any]]:
             path = out / m["slide_id"] / "report.json"
             done = m["status"] == "ok" and path.is_file()
             report = json.loads(path.read_text()) if done else None
-            if not report or not report.get("complete"):
+            if not report or not report.get("complete") or report.get("task") != task_name:
                 missing.append(m["slide_id"])
             else:
                 reports.append(report)

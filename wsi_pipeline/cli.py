@@ -198,7 +198,7 @@ def _save_cases(out: Path, task: Any, quiet: bool) -> None:
     if not hasattr(rules, "case_rule") or not (out / "summary.csv").is_file():
         return
     try:
-        cases = write_cases(out, rules)
+        cases = write_cases(out, rules, task.name)
     except OSError as exc:
         print(f"{PROG}: error: {out / 'cases.csv'}: cannot write ({exc.strerror or exc})",
               file=sys.stderr)
