@@ -43,7 +43,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from wsi_pipeline.run import STAGES
+from wsi_pipeline.pipeline import STAGES
 
 BIN = Path(sys.executable).parent
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")

@@ -1,5 +1,5 @@
 """glomerular-dx ablation: CMUS-Net fusion vs each single-modality head, with and without
-SMIL, by patient-level k-fold cross-validation on a synthetic case cohort (models.md §2),
+SMIL, by patient-level k-fold cross-validation on a synthetic case cohort (docs/models.md §2),
 and the seconds per case of ``wsi-run`` with the bundled demo weights.
 
     OMP_NUM_THREADS=1 nice python benchmarks/bench_glomerular_dx.py --cases 45 \\
@@ -7,11 +7,11 @@ and the seconds per case of ``wsi-run`` with the bundled demo weights.
 
 Cases come from `wsi_pipeline.synth.cases.write_case_cohort` (balanced IgAN / MN / LN, each
 modality weak with probability 0.2, 15-40 % of each TEM bag uninformative) and are read as
-``wsi-train --task glomerular-dx`` reads them (`train_cases.collect_cases`). For each fold a
+``wsi-train --task glomerular-dx`` reads them (`train.cases.collect_cases`). For each fold a
 fresh model is trained per arm (``--arms``) and held-out cases are classified as inference
 does:
 
-- ``smil``, ``mean``: CMUS-Net (``train_cases.DEMO_ARCH``) with SMIL, and without it (the
+- ``smil``, ``mean``: CMUS-Net (``train.cases.DEMO_ARCH``) with SMIL, and without it (the
   TEM bag's plain mean, ``smil=False``); each model's OM, IM and TEM heads are rows too;
 - ``om``, ``im``, ``tem``, ``tem-mean``: one modality trained alone (`SingleModality`: the
   same encoder and head, no CMSA, no fusion, loss CE of that head only; TEM with SMIL or
@@ -39,7 +39,7 @@ import torch
 from wsi_pipeline.models import build_model
 from wsi_pipeline.models.cmus_net import CMUSNet
 from wsi_pipeline.tasks.glomerular_dx import CLASSES
-from wsi_pipeline.train_cases import (
+from wsi_pipeline.train.cases import (
     DEMO_ARCH,
     SYNTH_CASE_SEED,
     CaseTrainOptions,

@@ -20,9 +20,9 @@ import zarr
 from PIL import Image
 from scipy import ndimage
 
+from wsi_pipeline.checkpoint import demo_weights
 from wsi_pipeline.cli import main as wsi_run
-from wsi_pipeline.run import demo_weights
-from wsi_pipeline.tasks import get_task
+from wsi_pipeline.tasks import get_plugin
 from wsi_pipeline.tasks.mesangial import HYPER, NORMAL
 from wsi_pipeline.tiles import tiles_to_slides
 from wsi_pipeline.train import main as wsi_train
@@ -60,7 +60,7 @@ def main() -> None:
     args = p.parse_args()
     slides = tiles_to_slides(args.data, args.work / "slides", mpp=0.5,
                              colours={(255, 0, 0): "glomerulus"})
-    detector = demo_weights(get_task("mesangial"))
+    detector = demo_weights(get_plugin("mesangial"))
     for slide in slides:
         out = args.work / "synthetic_only"
         assert wsi_run([str(slide), "--task", "mesangial", "--out", str(out), "--quiet"]) == 0

@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wsi_pipeline.checkpoint import load_checkpoint
+from wsi_pipeline.checkpoint import demo_weights, load_checkpoint
 from wsi_pipeline.infer import EngineOptions, infer_to_store, read_context, window_grid
-from wsi_pipeline.run import RunOptions, demo_weights, resolve_device, run_slide
+from wsi_pipeline.pipeline import RunOptions, resolve_device, run_slide
 from wsi_pipeline.store import SlideStore
 from wsi_pipeline.synth import write_slide
-from wsi_pipeline.tasks import get_task
+from wsi_pipeline.tasks import get_plugin
 
 
 def main() -> None:
@@ -37,16 +37,17 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
-    task = get_task("fls")
+    plugin = get_plugin("fls")
+    task = plugin.spec
     device = resolve_device(args.device)
     work = Path(tempfile.mkdtemp(prefix="bench_infer."))
     slide = args.slide
     if slide is None:
         slide = work / "bench.svs"
         write_slide("fls", slide, width=6000, height=4500, mpp=0.5, seed=7, label="positive")
-    run_slide(slide, task, "s", RunOptions(out=work, until="pyramid", workers=args.workers))
+    run_slide(slide, plugin, "s", RunOptions(out=work, until="pyramid", workers=args.workers))
     store = SlideStore(work / "s" / "store.zarr")
-    model, _ = load_checkpoint(args.weights or demo_weights(task), task="fls", device=device)
+    model, _ = load_checkpoint(args.weights or demo_weights(plugin), task="fls", device=device)
     hw = tuple(store.root["image/0"].shape[1:])
     windows = window_grid(store.read_array("tiles"), task.tile_px, hw, task.model.overlap_px)
     windows = windows[: args.windows]

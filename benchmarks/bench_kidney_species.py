@@ -1,4 +1,4 @@
-"""kidney-layer: does mouse data help when human data is scarce? (models.md §1, seed 000)
+"""kidney-layer: does mouse data help when human data is scarce? (docs/models.md §1, seed 000)
 
     python benchmarks/bench_kidney_species.py --human 2 --mouse 4 --heldout 3 \\
         --epochs 6 --steps 40 --work /tmp/bench_species

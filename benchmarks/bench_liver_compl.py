@@ -1,4 +1,4 @@
-"""liver: do complementary labels help? (models.md §3, seed 002)
+"""liver: do complementary labels help? (docs/models.md §3, seed 002)
 
     python benchmarks/bench_liver_compl.py --patients 16 --annotated 2 --heldout 8 \\
         --epochs 6 --steps 40 --work /tmp/bench_liver

@@ -1,10 +1,10 @@
-"""SimCLR-pretrained vs from-scratch glomerulus classifier with few labels (models.md §5).
+"""SimCLR-pretrained vs from-scratch glomerulus classifier with few labels (docs/models.md §5).
 
     python benchmarks/bench_simclr.py --train-slides 10 --val-slides 4 --labels 10 \\
         --work /tmp/bench_simclr
 
 Synthetic mesangial slides (seeds 7000+ for training, 7500+ held out) give normalised
-512 px glomerulus crops (`wsi_pipeline.train_crops.collect_crops`). SimCLR pretrains an
+512 px glomerulus crops (`wsi_pipeline.train.crops.collect_crops`). SimCLR pretrains an
 encoder on every training crop without labels; then two classifiers are fine-tuned the
 same way on ``--labels`` labelled crops per class, one from the SimCLR encoder, one from
 random weights; both are scored by glomerulus-level AUC on the held-out slides' crops.
@@ -26,7 +26,7 @@ from wsi_pipeline.batch import unique_ids
 from wsi_pipeline.models import build_model
 from wsi_pipeline.models.simclr import GlomerulusClassifier
 from wsi_pipeline.synth import write_slide
-from wsi_pipeline.train_crops import (
+from wsi_pipeline.train.crops import (
     CropOptions,
     auc,
     collect_crops,

@@ -109,6 +109,9 @@ def test_config_file_sets_defaults_the_command_line_overrides(slides, tmp_path, 
     assert "unknown option 'batchsize'" in capsys.readouterr().err
     config.write_text('task = "nope"\n')
     assert main([str(slides / "a.svs"), "--config", str(config)]) == 2
+    assert "unknown task 'nope'" in capsys.readouterr().err
+    config.write_text('task = "fls"\nbackend = "nope"\n')
+    assert main([str(slides / "a.svs"), "--config", str(config)]) == 2
     assert "is not one of" in capsys.readouterr().err
 
 

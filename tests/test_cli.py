@@ -218,7 +218,11 @@ def test_usage_errors_exit_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "wsi_pipeline.cli", "x.svs", "--task", "nope"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "invalid choice" in proc.stderr
+    assert proc.stderr.startswith("wsi-run: error: unknown task 'nope'")
+    assert proc.stderr.count("\n") == 1
+    proc = subprocess.run([sys.executable, "-m", "wsi_pipeline.cli", "x.svs", "--task", "fsl"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "did you mean 'fls'?" in proc.stderr
 
 
 def test_unique_safe_ids():
@@ -302,3 +306,29 @@ def test_stain_fit_recovers_the_synthetic_stains(fls_run, fls_slide):
     fit = np.asarray(report["provenance"]["stain"]["fit"]["matrix"], float)
     cosine = (true * fit).sum(axis=1)   # row 0 haematoxylin, row 1 eosin
     assert cosine.min() > 0.98, cosine
+
+
+def test_demo_input_is_written_once_and_never_half(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from wsi_pipeline.cli import demo_input
+    from wsi_pipeline.tasks import get_plugin
+    from wsi_pipeline.tasks.hooks import demo_slide, synth_slides
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    tiny = replace(get_plugin("fls"), demo=demo_slide(synth_slides("fls"), "fls_demo",
+                                                      width=1024, height=768, seed=1,
+                                                      label="positive", workers=0))
+    path = demo_input(tiny)
+    assert path == tmp_path / "wsi_pipeline" / "fls_demo" / "fls_demo.svs"
+    assert path.is_file() and path.with_name("fls_demo.truth.json").is_file()
+    stamp = path.stat().st_mtime_ns
+    assert demo_input(tiny) == path and path.stat().st_mtime_ns == stamp   # reused
+
+    def broken(folder):
+        (folder / "half.svs").write_bytes(b"x")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        demo_input(replace(tiny, spec=replace(tiny.spec, name="other"), demo=broken))
+    assert sorted(p.name for p in (tmp_path / "wsi_pipeline").iterdir()) == ["fls_demo"]

@@ -1,4 +1,4 @@
-"""CMUS-Net (models.md §2): SMIL against hand-computed bags, CMSA's roles and residual, the
+"""CMUS-Net (docs/models.md §2): SMIL against hand-computed bags, CMSA's roles and residual, the
 model's shapes, padding and loss, and a tiny overfit on colour-coded synthetic cases."""
 
 from __future__ import annotations

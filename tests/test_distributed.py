@@ -179,7 +179,7 @@ def test_gpu_workers_get_the_model_stages(slides, reference, tmp_path):
 
     from wsi_pipeline.batch import expand_inputs
     from wsi_pipeline.distributed import run_on_cluster
-    from wsi_pipeline.run import RunOptions
+    from wsi_pipeline.pipeline import RunOptions
 
     rows, events = [], []
     opts = RunOptions(out=tmp_path, model="classical", workers=1)

@@ -155,11 +155,10 @@ def test_rerun_reuses_every_stage(cohort, network, tmp_path):
 
 
 def test_checkpoint_for_another_task_is_refused_by_name(cohort, tmp_path, capsys):
-    from wsi_pipeline.checkpoint import load_checkpoint, save_checkpoint
-    from wsi_pipeline.run import demo_weights
-    from wsi_pipeline.tasks import get_task
+    from wsi_pipeline.checkpoint import demo_weights, load_checkpoint, save_checkpoint
+    from wsi_pipeline.tasks import get_plugin
 
-    model, meta = load_checkpoint(demo_weights(get_task("fls")), task="fls")
+    model, meta = load_checkpoint(demo_weights(get_plugin("fls")), task="fls")
     other = save_checkpoint(tmp_path / "liver_model", model, {**meta, "task": "liver"})
     code = main([str(cohort["neg"][0]), "--task", "fls", "--out", str(tmp_path / "o"),
                  "--weights", str(other), "--quiet"])

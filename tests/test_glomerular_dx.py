@@ -19,7 +19,7 @@ from wsi_pipeline.case import MAX_TEM, load_image, read_case, resize_square, sta
 from wsi_pipeline.cli import main
 from wsi_pipeline.errors import CaseImageError, CaseIncomplete
 from wsi_pipeline.tasks.glomerular_dx import GlomerularDxParams, diagnose
-from wsi_pipeline.train_cases import patient_folds
+from wsi_pipeline.train.cases import patient_folds
 
 OM_SIZE = (2048, 1536)  # as the demo weights' cohort: >= 3 glomeruli, fast to write
 NOT_WEAK = {"om": False, "im": False, "tem": False}

@@ -8,8 +8,9 @@ import torch
 import zarr
 from scipy import ndimage
 
+from wsi_pipeline.blend import ramp_weights
 from wsi_pipeline.infer import EngineOptions, infer_to_store, read_context, window_grid
-from wsi_pipeline.stitch import connected_components, ramp_weights
+from wsi_pipeline.labelmaps import connected_components
 from wsi_pipeline.store import SlideStore
 
 

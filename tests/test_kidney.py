@@ -145,7 +145,7 @@ def test_glomerulus_detection_f1_and_count(mes):
 
 
 def test_mesangial_score_and_glomerulus_auc(mes):
-    from wsi_pipeline.train_crops import auc
+    from wsi_pipeline.train.crops import auc
 
     cohort, _, reports = mes
     scores, labels = [], []

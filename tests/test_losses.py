@@ -1,5 +1,5 @@
 """Kidney-layer losses (soft Dice, L_s, weighted focal L_t) and SimCLR's NT-Xent, against
-hand-computed values on tiny tensors (models.md §1, §5)."""
+hand-computed values on tiny tensors (docs/models.md §1, §5)."""
 
 from __future__ import annotations
 
@@ -176,7 +176,7 @@ def test_gradients_are_finite_even_for_extreme_logits():
     assert torch.isfinite(grad).all()
 
 
-# --- liver: complementary labels (models.md §3) ---------------------------------------------
+# --- liver: complementary labels (docs/models.md §3) ---------------------------------------------
 
 def _pixels(*p: tuple[float, float, float]) -> torch.Tensor:
     """Logits (1, 3, 1, n) whose softmax is exactly the given class probabilities."""

@@ -11,7 +11,7 @@ from wsi_pipeline import train
 from wsi_pipeline.checkpoint import load_checkpoint
 from wsi_pipeline.models import count_parameters
 from wsi_pipeline.stain import REFERENCES
-from wsi_pipeline.tasks import TASK_NAMES, get_task
+from wsi_pipeline.tasks import get_task, task_names
 
 TASK = get_task("fls")
 HE = REFERENCES["he"].matrix
@@ -162,7 +162,7 @@ def test_lr_schedule():
     assert f[-1] == pytest.approx(0.05, abs=0.01)
 
 
-@pytest.mark.parametrize("task", [t for t in TASK_NAMES if get_task(t).model is None])
+@pytest.mark.parametrize("task", [t for t in task_names() if get_task(t).model is None])
 def test_task_without_trainer_exits_2(task, tmp_path, capsys):
     assert train.main(["--task", task, "--out", str(tmp_path / "w"), "--synth", "2"]) == 2
     err = capsys.readouterr().err

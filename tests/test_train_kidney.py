@@ -10,13 +10,8 @@ import pytest
 import torch
 
 from wsi_pipeline.tasks import get_task
-from wsi_pipeline.train import (
-    TrainSlide,
-    confusion_scores,
-    make_loss,
-    sample_mixed,
-    target_index,
-)
+from wsi_pipeline.train.data import TrainSlide, sample_mixed
+from wsi_pipeline.train.loop import confusion_scores, make_loss, target_index
 
 KIDNEY_PAS = Path(__file__).resolve().parents[2] / "shared" / "data" / "kidney-pas"
 

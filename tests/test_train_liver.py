@@ -16,13 +16,8 @@ import torch
 from wsi_pipeline.batch import expand_inputs, write_cases, write_summary
 from wsi_pipeline.errors import UsageError
 from wsi_pipeline.tasks import get_task, liver
-from wsi_pipeline.train import (
-    TrainSlide,
-    _complementary_loss,
-    read_cohort,
-    sample_mixed,
-    split_slides,
-)
+from wsi_pipeline.train.data import TrainSlide, read_cohort, sample_mixed, split_slides
+from wsi_pipeline.train.loop import _complementary_loss
 
 TASK = get_task("liver")
 
@@ -159,7 +154,7 @@ def test_cases_csv_groups_slides_by_patient_and_never_shows_a_partial_patient(tm
             _done(tmp_path, "lone", "", 0.3, 0.0),
             _done(tmp_path, "fls1", "A", 9.0, 0.0, task="fls")]  # another task: never counted
     write_summary(tmp_path, rows)
-    write_cases(tmp_path, liver, "liver")
+    write_cases(tmp_path, liver.PLUGIN.patient_rule, "liver")
     with open(tmp_path / "cases.csv", newline="") as f:
         cases = {r["patient_id"]: r for r in csv.DictReader(f)}
     assert set(cases) == {"A", "B", "C", "lone"}

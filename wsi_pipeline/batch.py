@@ -29,16 +29,21 @@ from .errors import (
 )
 from .lock import describe_holder, slide_lock
 from .slide import PLAUSIBLE_MPP, find_slides, is_url
+from .stain import STAIN_ALIASES, STAIN_NAMES, stain_key
 from .store import atomic_write_bytes
-from .tasks import get_task
+from .tasks import PatientRule, get_plugin
 
-if TYPE_CHECKING:  # run.py pulls in torch: not needed to list slides or write summaries
-    from .run import RunOptions
+if TYPE_CHECKING:  # the runner pulls in torch: not needed to list slides or write summaries
+    from .pipeline import RunOptions
 
 SUMMARY_FIELDS = ["slide_id", "path", "task", "status", "diagnosis", "adequate", "scores",
                   "counts", "tissue_mm2", "tiles", "seconds", "error", "patient_id"]
-CASE_FIELDS = ["patient_id", "slides", "status", "diagnosis", "hcc_fraction", "hcc_mm2",
-               "cca_mm2", "slide_ids", "note", "error"]
+
+
+def case_fields(rule: PatientRule) -> list[str]:
+    """The columns of ``cases.csv`` for a task's patient rule."""
+    return ["patient_id", "slides", "status", "diagnosis", *rule.columns, "slide_ids", "note",
+            "error"]
 
 
 @dataclass(frozen=True)
@@ -155,26 +160,15 @@ def _read_list(csv_path: Path
         if error is None and not is_url(path) and not Path(path).exists():
             error = SlideNotFound(f"{path}: no such file (listed in {csv_path} line {line})")
         stain = record.get("stain", "")
-        if error is None and stain and _stain_key(stain) is None:
+        if error is None and stain and stain_key(stain) is None:
             error = InputListError(f"{csv_path} line {line}: stain {stain!r} is not one of "
                                    f"{', '.join(STAIN_ALIASES)}")
         rows.append((name, path, mpp, error, record.get("patient_id", ""),
-                     _stain_key(stain) or ""))
+                     stain_key(stain) or ""))
     if not rows:
         return [(csv_path.stem, str(csv_path), None,
                  NoSlidesFound(f"{csv_path}: the slide list has no rows"), "", "")]
     return rows
-
-
-STAIN_ALIASES = {"he": ("he", "h&e", "hne", "h-e", "hematoxylin-eosin", "haematoxylin-eosin"),
-                 "pas": ("pas", "periodic acid-schiff", "periodic acid schiff")}
-STAIN_NAMES = {"he": "H&E", "pas": "PAS"}
-
-
-def _stain_key(name: str) -> str | None:
-    """The stain reference name ("he", "pas") a list's stain value means, None if unknown."""
-    value = name.strip().casefold()
-    return next((k for k, names in STAIN_ALIASES.items() if value in names), None)
 
 
 def _stem(path: str | Path) -> str:
@@ -219,9 +213,9 @@ def run_job(job: Job, task_name: str, opts: RunOptions,
     """
     import time
 
-    from .run import run_slide
+    from .pipeline import run_slide
 
-    task = get_task(task_name)
+    task = get_plugin(task_name)
     row: dict[str, Any] = {f: "" for f in SUMMARY_FIELDS}
     row.update(slide_id=job.slide_id, path=job.path, task=task.name, status="ok",
                patient_id=job.patient_id)
@@ -229,9 +223,9 @@ def run_job(job: Job, task_name: str, opts: RunOptions,
     try:
         if job.error is not None:
             raise job.error
-        if job.stain and job.stain != task.stain:
+        if job.stain and job.stain != task.spec.stain:
             row.update(status="skipped", error=f"listed as {STAIN_NAMES[job.stain]}; task "
-                       f"{task.name} analyses {STAIN_NAMES[task.stain]} slides")
+                       f"{task.name} analyses {STAIN_NAMES[task.spec.stain]} slides")
             return row
         job_opts = opts if job.mpp is None else replace(opts, mpp=job.mpp)
         with slide_lock(opts.out / job.slide_id, wait_s=lock_wait_s) as taken:
@@ -245,11 +239,11 @@ def run_job(job: Job, task_name: str, opts: RunOptions,
         from .errors import SlideLocked
 
         row.update(status="locked" if isinstance(exc, SlideLocked) else "failed",
-                   error=str(exc))
+                   error=str(exc), _exception=exc)
     except OSError as exc:  # disk full, permissions, a file vanishing mid-run
         where = opts.out / job.slide_id if exc.errno in _OUTPUT_ERRNOS else job.path
-        row.update(status="failed", error=str(OutputNotWritable(
-            f"{where}: I/O error: {exc.strerror or exc}")))
+        error = OutputNotWritable(f"{where}: I/O error: {exc.strerror or exc}")
+        row.update(status="failed", error=str(error), _exception=error)
     row["seconds"] = round(time.perf_counter() - started, 1)
     return row
 
@@ -311,8 +305,8 @@ def write_summary(out: Path, rows: list[dict[str, Any]]) -> None:
         atomic_write_bytes(path, buf.getvalue().encode())
 
 
-def write_cases(out: Path, rules: Any, task_name: str) -> list[dict[str, Any]]:
-    """``OUT/cases.csv`` for a task with a patient-level rule (``rules.case_rule``, e.g.
+def write_cases(out: Path, rule: PatientRule, task_name: str) -> list[dict[str, Any]]:
+    """``OUT/cases.csv`` for a task with a patient-level rule (``rule``, e.g.
     the liver's r over all of a patient's slides): one row per patient of the merged
     ``summary.csv`` (a slide without ``patient_id`` is a patient of its own), from the
     ``report.json`` of its slides. Only rows (and reports) of ``task_name`` count: other
@@ -331,9 +325,10 @@ def write_cases(out: Path, rules: Any, task_name: str) -> list[dict[str, Any]]:
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in slides:
         groups.setdefault(r.get("patient_id") or r["slide_id"], []).append(r)
+    fields = case_fields(rule)
     cases = []
     for patient, members in groups.items():
-        case = {f: "" for f in CASE_FIELDS}
+        case = {f: "" for f in fields}
         case.update(patient_id=patient, slides=len(members),
                     slide_ids=" ".join(m["slide_id"] for m in members))
         reports, missing, off_stain, warned = [], [], [], []
@@ -359,13 +354,12 @@ def write_cases(out: Path, rules: Any, task_name: str) -> list[dict[str, Any]]:
         elif not reports:
             case.update(status="stain mismatch", error="no slide of the expected stain")
         else:
-            result = rules.case_rule(reports)
+            result = rule.rule(reports)
             case.update(status="ok", diagnosis=result["diagnosis"],
-                        **{k: _blank(result[k]) for k in ("hcc_fraction", "hcc_mm2",
-                                                          "cca_mm2")})
+                        **{k: _blank(result.get(k)) for k in rule.columns})
         cases.append(case)
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CASE_FIELDS, extrasaction="ignore", restval="")
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", restval="")
     writer.writeheader()
     writer.writerows(cases)
     atomic_write_bytes(out / "cases.csv", buf.getvalue().encode())

@@ -1,4 +1,4 @@
-"""A `glomerular-dx` case folder (DESIGN.md "glomerular-dx case folder") and its images.
+"""A `glomerular-dx` case folder (docs/design.md "glomerular-dx case folder") and its images.
 
     case/om/   one whole-slide image of the biopsy (light microscopy, PAS)
     case/im/   immunofluorescence image(s): the first in sorted order is used

@@ -1,4 +1,4 @@
-"""Model checkpoints: safetensors weights + a JSON sidecar (DESIGN.md "Checkpoints").
+"""Model checkpoints: safetensors weights + a JSON sidecar (docs/design.md "Checkpoints").
 
 ``NAME.safetensors`` holds the state dict (floating tensors stored as float16 by default,
 restored to the model's float32 on load); ``NAME.json`` says what the weights are:
@@ -18,7 +18,7 @@ import json
 import struct
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -30,6 +30,9 @@ from .errors import CheckpointError, UsageError
 from .models import ARCHITECTURES, build_model, count_parameters
 from .models.m2cf_net import describe
 from .store import atomic_write_bytes, atomic_write_json
+
+if TYPE_CHECKING:
+    from .tasks import ModelSpec, Task
 
 FORMAT = "wsi_pipeline-checkpoint/1"
 WEIGHTS_SUFFIX = ".safetensors"
@@ -272,3 +275,46 @@ def _check_fit(model: nn.Module, tensors: dict[str, torch.Tensor], signature: st
     if problems:
         raise CheckpointError(f"weights do not fit architecture {signature}: tensors "
                               + "; ".join(problems))
+
+
+# -- which checkpoint serves a task's model ---------------------------------------------------
+def demo_weights(task: Task, spec: ModelSpec | None = None) -> Path:
+    """The bundled demo checkpoint of ``task``'s model, or of ``spec`` (its classifier):
+    ``wsi_pipeline/weights/<stem>.safetensors``, or the path the spec names (a plugin's
+    own)."""
+    spec = spec or task.spec.model
+    name = spec.demo_weights if spec else None
+    path = None
+    if name is not None:
+        path = Path(name) if Path(name).suffix == WEIGHTS_SUFFIX else \
+            Path(__file__).parent / "weights" / f"{name}{WEIGHTS_SUFFIX}"
+    if path is None or not path.exists():
+        modes = "".join(f" or --model {m}" for m in task.modes)
+        raise CheckpointError(f"no bundled demo weights for task {task.name}; pass --weights "
+                              f"FILE{modes}")
+    return path
+
+
+def checkpoint_path(task: Task, spec: ModelSpec, weights: Path | None) -> Path:
+    """Which checkpoint serves ``spec`` (the task's model or classifier): ``weights`` when it
+    is a folder (it must hold one for each of the task's models) or a file made for
+    ``spec``; the bundled demo weights when ``weights`` is None, or when the file is for
+    the task's other model (``--weights`` names a classifier: the detector stays the demo
+    one)."""
+    if weights is None or weights.is_dir():
+        return weights or demo_weights(task, spec)
+    others = [m for m in (task.spec.model, task.spec.classifier) if m is not None and m is not spec]
+    named = sidecar_task(weights)
+    if named is not None and named != task.spec.checkpoint_task(spec) \
+            and any(named == task.spec.checkpoint_task(m) for m in others):
+        return demo_weights(task, spec)
+    return weights
+
+
+def load_task_model(task: Task, spec: ModelSpec, weights: Path | None
+                    ) -> tuple[nn.Module, dict[str, Any]]:
+    """(network in eval mode on the CPU, sidecar + its ``path``) of the checkpoint that
+    serves ``spec`` (`checkpoint_path`)."""
+    path = checkpoint_path(task, spec, weights)
+    network, meta = load_checkpoint(path, task=task.spec.checkpoint_task(spec))
+    return network, meta | {"path": str(path)}

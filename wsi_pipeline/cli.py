@@ -31,22 +31,47 @@ from .batch import (
     write_summary,
 )
 from .errors import OutputNotWritable, UsageError, WsiError
-from .run import STAGES, RunOptions, resolve_device
+from .pipeline import STAGES, RunOptions, resolve_device
 from .slide import PLAUSIBLE_MPP
 from .store import prepare_output
-from .tasks import TASK_NAMES, get_task
+from .tasks import Task, get_plugin, task_names
 
 PROG = "wsi-run"
 
 
+DESCRIPTION = ("Analyse whole-slide images with a pathology task: tissue detection, stain "
+               "normalisation, a multiscale pyramid, inference, stitching, measurements and "
+               "a slide-level report.")
+EXIT_CODES = """exit codes:
+  0  every input succeeded
+  1  some inputs failed (the others finished; OUT/summary.csv says which and why)
+  2  usage error (unknown option or task, bad value, nothing to run)"""
+EXAMPLES = """examples:
+  wsi-run --demo --task fls                      the demo slide, bundled demo weights
+  wsi-run slide.svs --task fls                   one slide -> wsi-out/slide/
+  wsi-run slides/ --task mesangial --out results a folder -> results/summary.csv
+  wsi-run list.csv --task liver                  a CSV list (path, patient_id, stain)
+  wsi-run slide.svs --task fls --model classical weight-free focus count"""
+
+
+def _epilog() -> str:
+    tasks = [get_plugin(name) for name in task_names()]
+    width = max(len(t.name) for t in tasks)
+    lines = ["installed tasks:"] + [f"  {t.name:<{width}}  {t.spec.title}" for t in tasks]
+    return "\n".join(lines) + "\n\n" + EXAMPLES + "\n\n" + EXIT_CODES
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0].strip(),
+    p = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, epilog=_epilog(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("paths", nargs="*", metavar="PATH", help="slide file, folder of slides, or URL")
+    p.add_argument("paths", nargs="*", metavar="PATH",
+                   help="slide file, folder of slides, glob pattern, CSV list or URL (a case "
+                        "folder for a case task)")
     p.add_argument("--demo", action="store_true",
                    help="run on the bundled demo slide of the task (synthesised on first "
                         "use into ~/.cache/wsi_pipeline)")
-    p.add_argument("--task", choices=TASK_NAMES, help="analysis to run (required)")
+    p.add_argument("--task", metavar="TASK",
+                   help="REQUIRED: the analysis to run (installed tasks below)")
     p.add_argument("--out", default="wsi-out", type=Path, help="output folder (default ./wsi-out)")
     p.add_argument("--until", default=STAGES[-1], choices=STAGES,
                    help=f"last stage to run (default {STAGES[-1]})")
@@ -58,16 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", type=Path,
                    help="checkpoint (.safetensors with its .json sidecar, or a folder); "
                         "default: the task's bundled demo weights")
-    p.add_argument("--model", default="network", choices=("network", "classical"),
-                   help="network (default) or classical: fls foci as dense aggregates of "
-                        "detected lymphocytes, no weights needed")
+    modes = {m: t for t in task_names() for m in get_plugin(t).modes}
+    p.add_argument("--model", default="network", metavar="MODE",
+                   help="network (default), or a task's weight-free mode: "
+                        + "; ".join(f"{m} ({t}: {get_plugin(t).modes[m].description})"
+                                    for m, t in modes.items()))
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--batch-size", type=int, default=8, help="inference batch (default 8)")
     p.add_argument("--workers", type=int, default=2,
                    help="parallel tile workers and data-loader processes (default 2)")
     p.add_argument("--recursive", action="store_true", help="descend into sub-folders")
     p.add_argument("--patient-from", default="list", choices=("list", "folder"),
-                   help="liver: how slides group into patients for OUT/cases.csv: a CSV "
+                   help="tasks with a patient rule (liver): how slides group into "
+                        "patients for OUT/cases.csv: a CSV "
                         "list's patient_id column (default; other slides are a patient "
                         "each) or the folder holding each slide")
     p.add_argument("--lock-wait", type=float, default=0.0, metavar="SECONDS",
@@ -100,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("--batch-size must be at least 1")
         if args.lock_wait < 0:
             raise UsageError("--lock-wait must be 0 or more seconds")
-        if args.weights is not None and args.model == "classical":
-            raise UsageError("--weights and --model classical exclude each other")
+        if args.weights is not None and args.model != "network":
+            raise UsageError(f"--weights and --model {args.model} exclude each other")
         if args.weights is not None and not args.weights.exists():
             raise UsageError(f"--weights {args.weights}: no such file or folder")
         if args.mpp is not None and not PLAUSIBLE_MPP[0] <= args.mpp <= PLAUSIBLE_MPP[1]:
@@ -109,12 +137,15 @@ def main(argv: list[str] | None = None) -> int:
                              f"{PLAUSIBLE_MPP[1]} um/px")
         if args.device == "cuda" and args.scheduler is None:
             resolve_device("cuda")  # fails here, once, rather than on every slide
-        task = get_task(args.task)
+        task = get_plugin(args.task)
+        if args.model != "network" and args.model not in task.modes:
+            raise UsageError(f"--model {args.model}: task {task.name} runs "
+                             f"{', '.join(('network', *task.modes))}")
         if not args.paths and not args.demo:
             raise UsageError("give at least one PATH (slide, folder, pattern, CSV list or "
                              "URL), or --demo")
         if args.demo:
-            args.paths = [*args.paths, str(demo_slide(task.name))]
+            args.paths = [*args.paths, str(demo_input(task))]
         out = prepare_output(args.out)
     except WsiError as exc:
         return _fail(exc)
@@ -127,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                       model=args.model, force=args.force, show_progress=interactive,
                       argv=tuple(argv))
     log = None if (args.quiet or interactive) else _log_line
-    jobs = expand_inputs(args.paths, task.input_kind, args.recursive, args.patient_from)
+    jobs = expand_inputs(args.paths, task.spec.input_kind, args.recursive, args.patient_from)
     say = print
     rows: list[dict[str, Any]] = []
     current = None  # the slide in progress when Ctrl-C comes
@@ -190,15 +221,12 @@ def _save_summary(out: Path, rows: list[dict[str, Any]]) -> None:
               file=sys.stderr)
 
 
-def _save_cases(out: Path, task: Any, quiet: bool) -> None:
-    """``OUT/cases.csv`` for a task with a patient-level rule (liver), a line per patient."""
-    from .tasks import task_rules
-
-    rules = task_rules(task)
-    if not hasattr(rules, "case_rule") or not (out / "summary.csv").is_file():
+def _save_cases(out: Path, task: Task, quiet: bool) -> None:
+    """``OUT/cases.csv`` for a task with a patient-level rule, a line per patient."""
+    if task.patient_rule is None or not (out / "summary.csv").is_file():
         return
     try:
-        cases = write_cases(out, rules, task.name)
+        cases = write_cases(out, task.patient_rule, task.name)
     except OSError as exc:
         print(f"{PROG}: error: {out / 'cases.csv'}: cannot write ({exc.strerror or exc})",
               file=sys.stderr)
@@ -265,52 +293,39 @@ def apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     parser.set_defaults(**defaults)
 
 
-DEMO_SLIDES = {"fls": {"label": "positive", "seed": 1, "width": 12000, "height": 9000},
-               "kidney-layer": {"label": "adequate", "seed": 1, "width": 16000, "height": 8000},
-               "mesangial": {"label": "M1", "seed": 1, "width": 16000, "height": 8000},
-               "liver": {"label": "HCC", "seed": 1, "width": 8000, "height": 6000}}
-
-
-# glomerular-dx: a case folder (om/, im/, tem/); seed 1 is outside the demo weights' cohort
-DEMO_CASES = {"glomerular-dx": {"label": "LN", "seed": 1, "om_size_px": (6000, 4000)}}
-
-
-def demo_slide(task: str) -> Path:
-    """The task's demo slide (glomerular-dx: case folder), synthesised on first use into the
-    user's cache folder (a fixed seed that no demo weights were trained on)."""
+def demo_input(task: Task) -> Path:
+    """The task's demo input (a slide, or a case folder), written by the task's ``demo``
+    hook on first use into the user's cache folder, aside and renamed (an interrupted
+    synthesis leaves nothing half-written)."""
+    import json
     import os
-
-    if task not in DEMO_SLIDES and task not in DEMO_CASES:
-        raise UsageError(f"no demo slide for task {task} in this version")
     import shutil
     import tempfile
 
+    if task.demo is None:
+        raise UsageError(f"task {task.name} has no demo input")
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wsi_pipeline"
-    stem = f"{task.replace('-', '_')}_demo"
-    path = cache / stem / (f"om/{stem}.svs" if task in DEMO_CASES else f"{stem}.svs")
-    if path.exists():
-        return path.parent.parent if task in DEMO_CASES else path
-    from .synth import write_slide
-    from .synth.cases import write_case
-
-    print(f"{PROG}: synthesising the demo slide {path} (first use) ...", file=sys.stderr)
+    folder = cache / f"{task.name.replace('-', '_')}_demo"
+    record = folder / "demo.json"   # the input's path inside the folder
+    if record.is_file():
+        path = folder / json.loads(record.read_text())["path"]
+        if path.exists():
+            return path
+    print(f"{PROG}: writing the {task.name} demo input into {folder} (first use) ...",
+          file=sys.stderr)
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{stem}.", dir=cache))
-        try:  # written aside and renamed: an interrupted synthesis leaves no half slide
-            if task in DEMO_CASES:
-                write_case(tmp / stem, mpp=0.5, **DEMO_CASES[task])
-                shutil.rmtree(cache / stem, ignore_errors=True)
-                (tmp / stem).rename(cache / stem)
-                return cache / stem
-            write_slide(task, tmp / path.name, mpp=0.5, **DEMO_SLIDES[task])
-            shutil.rmtree(path.parent, ignore_errors=True)
-            tmp.rename(path.parent)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=cache))
+        try:
+            relative = task.demo(tmp).relative_to(tmp)
+            (tmp / "demo.json").write_text(json.dumps({"path": str(relative)}))
+            shutil.rmtree(folder, ignore_errors=True)
+            tmp.rename(folder)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     except OSError as exc:
-        raise OutputNotWritable(f"{cache}: cannot write the demo slide ({exc})") from exc
-    return path
+        raise OutputNotWritable(f"{cache}: cannot write the demo input ({exc})") from exc
+    return folder / relative
 
 
 def _describe(slide_id: str, report: dict[str, Any], folder: Path) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 
 from .batch import SUMMARY_FIELDS, Job, run_job
 from .errors import UsageError
-from .run import MODEL_STAGES, RunOptions
+from .pipeline.options import MODEL_STAGES, RunOptions
 from .slide import is_url
 
 Row = dict[str, Any]

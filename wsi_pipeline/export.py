@@ -36,7 +36,8 @@ from skimage.segmentation import find_boundaries
 from .errors import OutputNotWritable, UsageError
 
 LEGEND_NAMESPACE = "wsi_pipeline/legend"
-TISSUE_OUTLINE_RGB = (0, 200, 0)  # as in run.write_overlay
+TISSUE_OUTLINE_RGB = (0, 200, 0)
+INK_OUTLINE_RGB = (0, 60, 255)
 OBJECT_TYPES = ("annotation", "detection")
 # Okabe & Ito (2008) colour-blind-safe palette, reordered so that the first classes get the
 # most distinct hues; class 0 (background) is black and never painted in overlays.
@@ -267,8 +268,8 @@ def region_objects(labels, kinds: dict[int, tuple[str, tuple[int, int, int]]],
     """One report object per connected region of each label value in ``kinds`` ({value:
     (name, RGB colour)}) of a (H, W) zarr label map (attrs ``mpp``) of at least
     ``min_area_um2``: name, kind (lower-case name), colour, outer outline and centroid (um),
-    area (um2 and mm2). Regions are found band by band (`stitch.connected_components`)."""
-    from .stitch import connected_components
+    area (um2 and mm2). Regions are found band by band (`labelmaps.connected_components`)."""
+    from .labelmaps import connected_components
 
     mpp = float(labels.attrs["mpp"])
     objects = []
@@ -458,6 +459,7 @@ def write_overlay(path: Path, thumbnail: np.ndarray, thumb_mpp: float, *,
                   labels: zarr.Array | None = None, label_mpp: float | None = None,
                   colors: dict[int, tuple[int, int, int]] | None = None, alpha: float = 0.4,
                   tissue_outline: np.ndarray | None = None,
+                  ink_outline: np.ndarray | None = None,
                   polygons_um: Sequence[tuple[np.ndarray, tuple[int, int, int]]] = ()) -> None:
     """Write ``thumbnail`` ((h, w, 3) uint8 at ``thumb_mpp`` µm/px) as a PNG with, in order:
 
@@ -466,7 +468,8 @@ def write_overlay(path: Path, thumbnail: np.ndarray, thumb_mpp: float, *,
       stays transparent. Each thumbnail pixel
       takes the class at its centre (nearest neighbour), gathered chunk by chunk from the
       zarr array; chunks holding no thumbnail pixel centre are never read.
-    - the outline of ``tissue_outline`` ((h, w) bool) in green, 2 px wide;
+    - the outline of ``tissue_outline`` ((h, w) bool) in green, 2 px wide, and of the
+      excluded marker ink ``ink_outline`` ((h, w) bool) in blue;
     - each polygon ((N, 2) x, y in slide µm, with its RGB colour) as a 2-px outline.
 
     Both grids start at the slide's top-left corner.
@@ -492,12 +495,15 @@ def write_overlay(path: Path, thumbnail: np.ndarray, thumb_mpp: float, *,
                               np.float32)
             where = grid == value
             out[where] = np.round(out[where] * (1.0 - alpha) + colour * alpha).astype(np.uint8)
-    if tissue_outline is not None:
-        tissue_outline = np.asarray(tissue_outline, dtype=bool)
-        if tissue_outline.shape != thumbnail.shape[:2]:
-            raise UsageError(f"{path.name}: tissue_outline shape {tissue_outline.shape} is not "
-                             f"the thumbnail's {thumbnail.shape[:2]}")
-        out[find_boundaries(tissue_outline, mode="thick")] = TISSUE_OUTLINE_RGB
+    for name, outline, colour in (("ink_outline", ink_outline, INK_OUTLINE_RGB),
+                                  ("tissue_outline", tissue_outline, TISSUE_OUTLINE_RGB)):
+        if outline is None:
+            continue
+        outline = np.asarray(outline, dtype=bool)
+        if outline.shape != thumbnail.shape[:2]:
+            raise UsageError(f"{path.name}: {name} shape {outline.shape} is not the "
+                             f"thumbnail's {thumbnail.shape[:2]}")
+        out[find_boundaries(outline, mode="thick")] = colour
     image = Image.fromarray(out)
     if len(polygons_um):
         draw = ImageDraw.Draw(image)

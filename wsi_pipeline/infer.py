@@ -24,10 +24,9 @@ import torch
 import zarr
 from torch.nn import functional as F
 
-from .stitch import BandStitcher, ramp_weights
+from .blend import BandStitcher, ramp_weights
+from .slide import GLASS
 from .store import SlideStore
-
-GLASS = 255
 
 
 @dataclass(frozen=True)

@@ -21,11 +21,10 @@ import zarr
 from PIL import Image
 from zarr.codecs import ZstdCodec
 
-from .slide import Slide
+from .slide import GLASS, Slide
 from .store import SlideStore
 
 Normalise = Callable[[np.ndarray], np.ndarray]
-GLASS = 255
 
 
 @dataclass(frozen=True)

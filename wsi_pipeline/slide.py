@@ -43,7 +43,7 @@ SLIDE_SUFFIXES = frozenset(
 # A microscope slide is scanned between ~0.1 and ~20 um/px; TIFF resolution tags outside this
 # range are almost always a 72/96/300 dpi default written by a generic image library.
 PLAUSIBLE_MPP = (0.05, 50.0)
-GLASS_RGB = 255  # value painted where a region falls outside the slide
+GLASS = 255  # value painted where there is no slide or tissue: blank glass (all channels)
 
 
 def is_url(path: str | os.PathLike) -> bool:
@@ -179,7 +179,7 @@ class Slide:
         white (255).
         """
         lv = self.levels[level]
-        out = np.full((h_px, w_px, 3), GLASS_RGB, np.uint8)
+        out = np.full((h_px, w_px, 3), GLASS, np.uint8)
         x0, y0 = max(x_px, 0), max(y_px, 0)
         x1, y1 = min(x_px + w_px, lv.width), min(y_px + h_px, lv.height)
         if x1 <= x0 or y1 <= y0:
@@ -320,7 +320,7 @@ def _to_rgb(region: Any) -> np.ndarray:
         return np.stack([arr] * 3, axis=-1).astype(np.uint8, copy=False)
     if arr.shape[-1] == 4:
         rgb = arr[..., :3].copy()
-        rgb[arr[..., 3] == 0] = GLASS_RGB
+        rgb[arr[..., 3] == 0] = GLASS
         return rgb
     return arr[..., :3].astype(np.uint8, copy=False)
 

@@ -127,6 +127,16 @@ REFERENCES: dict[str, StainFit] = {
         max_conc=[1.9077, 1.6345],
     ),
 }
+# How each reference is written for people, and the spellings a slide list may use
+STAIN_NAMES = {"he": "H&E", "pas": "PAS"}
+STAIN_ALIASES = {"he": ("he", "h&e", "hne", "h-e", "hematoxylin-eosin", "haematoxylin-eosin"),
+                 "pas": ("pas", "periodic acid-schiff", "periodic acid schiff")}
+
+
+def stain_key(name: str) -> str | None:
+    """The reference name ("he", "pas") that a written stain name means; None if unknown."""
+    value = name.strip().casefold()
+    return next((k for k, names in STAIN_ALIASES.items() if value in names), None)
 
 
 def resolve_reference(reference: str | StainFit) -> StainFit:

@@ -1,5 +1,5 @@
 """CMUS-Net for the `glomerular-dx` task: tri-modal IgAN / MN / LN diagnosis of a renal
-biopsy case (models.md §2, seed 001).
+biopsy case (docs/models.md §2, seed 001).
 
 A case is one light-microscopy (OM) glomerulus image, one immunofluorescence (IM) image and
 a bag of transmission electron microscopy (TEM) images (the first ``max_tem`` used, bags
@@ -62,7 +62,7 @@ SMIL_EQUAL_RTOL = 1e-6
 
 def smil(features: torch.Tensor, t: float = SMIL_T,
          mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sparse multi-instance fusion of one bag (models.md §2, SMIL).
+    """Sparse multi-instance fusion of one bag (docs/models.md §2, SMIL).
 
     ``features`` (T, ...) holds one feature tensor per bag slot (e.g. (T, N, C) token maps);
     ``mask`` (T,) bool marks the real instances (None: a slot is padding when its features
@@ -172,7 +172,7 @@ def _class_names(classes: int | Sequence[str]) -> tuple[str, ...]:
 
 
 class CMUSNet(nn.Module):
-    """CMUS-Net (models.md §2): case-level, not patch-level. ``forward(om, im, tem,
+    """CMUS-Net (docs/models.md §2): case-level, not patch-level. ``forward(om, im, tem,
     tem_mask)`` or ``forward(batch_dict)`` with
 
     - om, im: (B, 3, H, W) float in [0, 1] (either may be None: see the module docstring);

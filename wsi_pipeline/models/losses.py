@@ -1,4 +1,4 @@
-"""Losses: BCEDice for M2CF-Net (models.md §4); soft Dice, the hybrid loss L_s and the
+"""Losses: BCEDice for M2CF-Net (docs/models.md §4); soft Dice, the hybrid loss L_s and the
 weighted-focal joint loss L_t for kidney-layer segmentation (§1); SimCLR's NT-Xent for the
 mesangial glomerulus pretraining (§5). All are computed in float32; segmentation losses take
 a ``valid`` mask, and pixels where it is 0 count in no term."""
@@ -30,7 +30,7 @@ def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.
     return bce + 1 - dice
 
 
-# --- kidney-layer (models.md §1) ------------------------------------------------------------
+# --- kidney-layer (docs/models.md §1) ------------------------------------------------------------
 
 KIDNEY_HUMAN_CLASSES = (5, 6)  # human cortex, human medulla in the 7-class joint space
 KIDNEY_CLASS_WEIGHTS = (1.0, 1.0, 1.0, 1.0, 1.0, 1.5, 1.5)
@@ -115,7 +115,7 @@ def _weighted_ce(logits: torch.Tensor, target: torch.Tensor, v: torch.Tensor,
 def hybrid_loss(logits: torch.Tensor, target: torch.Tensor, family: str = "cnn",
                 class_weights: torch.Tensor | None = None,
                 valid: torch.Tensor | None = None) -> torch.Tensor:
-    """L_s for the independent (binary) tasks of models.md §1: CNNs CE_w + L_Dice,
+    """L_s for the independent (binary) tasks of docs/models.md §1: CNNs CE_w + L_Dice,
     Transformers 0.5 CE + 0.5 L_Dice.
 
     ``logits`` (B, C, H, W), ``target`` (B, H, W) int64 class indices, ``class_weights``
@@ -139,7 +139,7 @@ def weighted_focal_loss(logits: torch.Tensor, target: torch.Tensor,
     l_i = -alpha (1 - p_iy^(w_y))^gamma * w_y * log p_iy,
     p_iy = softmax(``logits``) of pixel i's true class y, w = ``class_weights`` (C,).
 
-    The exponent w_y on p_iy is as written in the spec (models.md §1, taken from the
+    The exponent w_y on p_iy is as written in the spec (docs/models.md §1, taken from the
     authors' code), not the usual (1 - p)^gamma: a weight above 1 lowers p^w and so also
     raises the modulating factor of the up-weighted classes. ``logits`` (B, C, H, W),
     ``target`` (B, H, W) int64. Returns a float32 scalar.
@@ -158,13 +158,13 @@ def weighted_focal_loss(logits: torch.Tensor, target: torch.Tensor,
 def joint_loss(logits: torch.Tensor, target: torch.Tensor, class_weights: torch.Tensor,
                valid: torch.Tensor | None = None) -> torch.Tensor:
     """L_t = mean weighted focal (alpha 0.5, gamma 2) + L_Dice: the cross-species joint loss
-    of models.md §1. Shapes as ``weighted_focal_loss``; ``class_weights`` e.g.
+    of docs/models.md §1. Shapes as ``weighted_focal_loss``; ``class_weights`` e.g.
     ``kidney_class_weights()``."""
     return (weighted_focal_loss(logits, target, class_weights, valid=valid)
             + dice_loss(logits, target, valid))
 
 
-# --- mesangial SimCLR (models.md §5) --------------------------------------------------------
+# --- mesangial SimCLR (docs/models.md §5) --------------------------------------------------------
 
 def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, tau: float = 0.5) -> torch.Tensor:
     """SimCLR's NT-Xent over the 2N views of N images: ``z1[k]`` and ``z2[k]`` (N, D) are the
@@ -183,7 +183,7 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, tau: float = 0.5) -> torch.
     return F.cross_entropy(logits, positives)
 
 
-# --- liver: complementary labels (models.md §3) ---------------------------------------------
+# --- liver: complementary labels (docs/models.md §3) ---------------------------------------------
 
 COMPLEMENTARY_P_CLIP = 1e-5
 
@@ -191,7 +191,7 @@ COMPLEMENTARY_P_CLIP = 1e-5
 def complementary_matrix(classes: int, excluded_only: bool = True) -> torch.Tensor:
     """Transition matrix Q (classes, classes) float32, Q_kj = P(y~ = j | y = k), Q_kk = 0.
 
-    ``excluded_only``: every off-diagonal entry 1 -- the special case of models.md §3, where
+    ``excluded_only``: every off-diagonal entry 1 -- the special case of docs/models.md §3, where
     for any complementary label y~ the loss sees q = 1 - p_y~ and only pushes the excluded
     class down (not a stochastic matrix: rows sum to classes - 1). Otherwise uniform
     complementary labels, 1 / (classes - 1) off the diagonal: q = (1 - p_y~) / (classes - 1).
@@ -204,7 +204,7 @@ def complementary_matrix(classes: int, excluded_only: bool = True) -> torch.Tens
 
 def complementary_loss(logits: torch.Tensor, comp_label: torch.Tensor, Q: torch.Tensor,
                        gamma: float = 2.0, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Complementary-label loss of weakly labelled patches (models.md §3, [code]).
+    """Complementary-label loss of weakly labelled patches (docs/models.md §3, [code]).
 
     Patch b carries a class it cannot be, ``comp_label`` y~_b ((B,) int64). With
     p = softmax(``logits``) (B, K, H, W) clipped to [1e-5, 1 - 1e-5] and ``Q`` (K, K) (see

@@ -1,4 +1,4 @@
-"""M2CF-Net for focal lymphocytic sialadenitis foci (models.md §4), and the helpers that the
+"""M2CF-Net for focal lymphocytic sialadenitis foci (docs/models.md §4), and the helpers that the
 baselines share with it.
 
 From the paper: three encoder branches, one per resolution, over concentric patches of the

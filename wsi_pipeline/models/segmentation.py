@@ -1,4 +1,4 @@
-"""Single-resolution smp segmenters for kidney-layer (models.md §1): the paper's CNN row
+"""Single-resolution smp segmenters for kidney-layer (docs/models.md §1): the paper's CNN row
 (DeepLabv3+) and Transformer row (a SegFormer with a Mix-Transformer encoder).
 
 Both follow the model contract: input (B, 1, 3, H, W) in [0, 1] (level 0 only), output

@@ -1,5 +1,5 @@
 """SimCLR pretraining on glomerulus crops and the M0/M1 glomerulus classifier for the
-`mesangial` task (models.md §5, seed 004).
+`mesangial` task (docs/models.md §5, seed 004).
 
 SimCLR [standard]: two augmented views of each unlabelled glomerulus crop go through the
 encoder, global average pooling (features h) and a Linear-ReLU-Linear projection head

@@ -12,14 +12,8 @@ its MPP and legend, plus object arrays). Tasks: fls, liver, kidney-layer, mesang
 glomerular-dx (the biopsy slide of a case; `synth.cases.write_case` writes whole cases).
 """
 
-from .generate import (
-    get_spec,
-    label_downsample,
-    task_specs,
-    truth_labels_on_grid,
-    truth_paths,
-    write_slide,
-)
+from .generate import get_spec, task_specs, write_slide
+from .writer import label_downsample, truth_labels_on_grid, truth_paths
 
 LEGENDS = {name: spec.legend for name, spec in task_specs().items()}
 

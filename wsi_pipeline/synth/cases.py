@@ -1,6 +1,6 @@
 """Synthetic glomerular-dx cases: a PAS biopsy WSI, an immunofluorescence image, a TEM bag.
 
-A case folder (DESIGN.md "glomerular-dx case folder")::
+A case folder (docs/design.md "glomerular-dx case folder")::
 
     case/om/<case>.svs          PAS light-microscopy biopsy (Aperio SVS, kidney.CASE_OM_SPEC)
     case/om/<case>.truth.json   its truth (write_slide format) and <case>.truth.zarr
@@ -8,7 +8,7 @@ A case folder (DESIGN.md "glomerular-dx case folder")::
     case/tem/tem_XX.{png,tif,jpg}  3-15 greyscale TEM images of mixed sizes and formats
     case/truth.json             diagnosis, weak flags, TEM bag facts, glomeruli, generator
 
-Classes IgAN, MN, LN [standard, models.md section 2]:
+Classes IgAN, MN, LN [standard, docs/models.md §2]:
 
 - OM: IgAN mesangial hypercellularity and matrix expansion; MN thick PAS-bright capillary
   walls; LN both ("wire loops"), see `kidney.CASE_*`.
@@ -33,31 +33,16 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
 from ..errors import OutputNotWritable, UsageError
+from ..version import __version__
 from . import kidney
 from . import scene as sc
-from .generate import (
-    GENERATOR_VERSION,
-    JPEG_QUALITY,
-    LABEL_CHUNK_PX,
-    TILE_PX,
-    _label_image,
-    _macro_image,
-    _ordered_map,
-    _single_thread_blas,
-    _write_arrays,
-    label_downsample,
-    truth_paths,
-)
-from .tiff_writer import Level0Tile, downsample4, jpeg_tile, write_aperio
+from .writer import GENERATOR_VERSION, write_spec_slide
 
 TASK = "glomerular-dx"
 CLASSES = kidney.CASE_LABELS  # ("IgAN", "MN", "LN")
@@ -488,106 +473,6 @@ def tem_image(rng: np.random.Generator, label: str, informative: bool,
     return _tem_render(rng, label, bool(informative), shape, bool(weak))[0]
 
 
-# ----------------------------------------------------------------------------- OM slide
-
-_OM: dict = {}
-
-
-def _init_om_worker(scene) -> None:
-    _OM["scene"] = scene
-
-
-def _om_tile_job(args: tuple[int, int, int, int]) -> Level0Tile | None:
-    x0, y0, size, quality = args
-    rgb = kidney.render_tile(_OM["scene"], x0, y0, size)
-    if rgb is None:
-        return None
-    return Level0Tile(jpeg_tile(rgb, quality), downsample4(rgb))
-
-
-def _write_om(path: Path, seed: int, label: str, weak: bool, width: int, height: int,
-              mpp: float, workers: int | None, tile: int = TILE_PX,
-              quality: int = JPEG_QUALITY) -> dict:
-    """Write the case's PAS biopsy SVS with <stem>.truth.json/.zarr (write_slide format).
-
-    Local stand-in for `write_slide("glomerular-dx", ...)` until CASE_OM_SPEC is registered
-    in generate.task_specs (write_slide cannot pass the `weak` flag to the builder).
-    """
-    import zarr
-
-    from .. import __version__
-
-    spec = kidney.CASE_OM_SPEC
-    json_path, zarr_path = truth_paths(path)
-    scene = kidney.build(TASK, int(seed), width, height, mpp, label, False, False, weak=weak)
-    # truth label mask, chunk by chunk
-    if zarr_path.exists():
-        shutil.rmtree(zarr_path)
-    f = label_downsample(width, height)
-    lw, lh, px_um, C = -(-width // f), -(-height // f), mpp * f, LABEL_CHUNK_PX
-    root = zarr.open_group(str(zarr_path), mode="w")
-    arr = root.create_array("labels", shape=(lh, lw), chunks=(C, C), dtype="uint8",
-                            fill_value=0)
-    arr.attrs.update({"mpp": px_um, "downsample": f,
-                      "legend": {str(k): v for k, v in spec.legend.items()},
-                      "tissue_classes": list(spec.tissue_classes),
-                      "description": "truth label mask; tissue = label not in (background, pen)"})
-    counts = np.zeros(256, np.int64)
-    for cy in range(0, lh, C):
-        for cx in range(0, lw, C):
-            lab = spec.label_tile(scene, cx * px_um, cy * px_um, px_um, C)[:lh - cy, :lw - cx]
-            counts += np.bincount(lab.ravel(), minlength=256)
-            if lab.any():
-                arr[cy:cy + lab.shape[0], cx:cx + lab.shape[1]] = lab
-    areas = {name: float(counts[k]) * px_um * px_um / 1e6 for k, name in spec.legend.items()}
-    _write_arrays(zarr_path, spec.arrays(scene))
-
-    n_tiles = -(-width // tile) * -(-height // tile)
-    if workers is None:
-        workers = min(2, os.cpu_count() or 1) if n_tiles > 64 else 0
-    pool = None
-    if workers > 0:
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
-                                   initializer=_init_om_worker, initargs=(scene,))
-    else:
-        _init_om_worker(scene)
-    jobs = ((tx * tile, ty * tile, tile, quality)
-            for ty in range(-(-height // tile)) for tx in range(-(-width // tile)))
-    rng = np.random.default_rng([seed, 7])
-    label_rgb = _label_image(TASK, seed, path.stem)
-    try:
-        info = write_aperio(
-            path, _ordered_map(_om_tile_job, jobs, pool, window=4 * max(workers, 1)),
-            width=width, height=height, mpp=mpp, tile=tile, quality=quality,
-            glass_rgb=lambda k: sc.glass_tile(scene.stains, tile, rng),
-            label_rgb=label_rgb, macro_rgb=lambda th: _macro_image(label_rgb, th))
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-    part = spec.truth(scene, areas)
-    truth = {
-        "task": TASK, "species": part["species"], "diagnosis": part["diagnosis"],
-        "scores": part["scores"], "counts": part["counts"], "areas_mm2": part["areas_mm2"],
-        "objects": part["objects"],
-        "generator": {
-            "name": "wsi-synth", "version": f"{__version__}+synth{GENERATOR_VERSION}",
-            "seed": int(seed), "width": width, "height": height, "mpp": mpp,
-            "stain_matrix": [[round(float(v), 5) for v in row] for row in scene.stains.matrix],
-            "stain_names": list(scene.stains.names),
-            "stain_intensity": [round(float(v), 4) for v in scene.stains.intensity],
-            "glass_od": [round(float(v), 4) for v in scene.stains.glass_od],
-            "options": {"label": scene.label, "pen": False, "fold": False, **scene.options},
-            "tile": tile, "jpeg_quality": quality,
-            "levels": [list(s) for s in info["levels"]],
-            "label_mpp": px_um,
-            "legend": {str(k): v for k, v in spec.legend.items()},
-            "truth_zarr": zarr_path.name,
-        },
-    }
-    json_path.write_text(json.dumps(truth, indent=1))
-    return truth
-
-
 # ----------------------------------------------------------------------------- cases
 
 
@@ -674,11 +559,10 @@ def _write_case(folder: Path, case: str, label: str, seed: int, flags: dict, wid
                 height: int, mpp: float, workers) -> dict:
     from PIL import Image
 
-    from .. import __version__
-
     om_path = folder / "om" / f"{case}.svs"
-    with _single_thread_blas():
-        om = _write_om(om_path, seed, label, flags["om"], width, height, mpp, workers)
+    om = write_spec_slide(kidney.CASE_OM_SPEC, om_path, width=width, height=height, mpp=mpp,
+                          seed=seed, label=label, workers=workers,
+                          build_kw={"weak": flags["om"]})
 
     r_if = np.random.default_rng([seed, 9302])
     if_img, if_geom = _if_render(r_if, label, flags["im"])

@@ -37,26 +37,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="wsi-synth", description="Write a synthetic whole-slide image (Aperio "
                 "SVS) and its ground truth (<stem>.truth.json, <stem>.truth.zarr).")
     p.add_argument("--task", required=True,
-                   help="fls, kidney-layer, mesangial or liver (glomerular-dx: later)")
+                   help="fls, kidney-layer, mesangial, liver or glomerular-dx (a case "
+                   "folder: om/ slide, im/ and tem/ images), or an installed task plugin "
+                   "with a generator")
     p.add_argument("--out", required=True, metavar="PATH",
-                   help="slide file to write (.svs); with --cohort, the cohort folder")
+                   help="slide file to write (.svs); glomerular-dx: the case folder; with "
+                   "--cohort, the cohort folder")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--width", type=int, metavar="PX", help="level-0 width in pixels")
     p.add_argument("--height", type=int, metavar="PX", help="level-0 height in pixels")
     p.add_argument("--mpp", type=float, metavar="UM", help="microns per pixel (default 0.5)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--label", help="true diagnosis: fls positive|negative, kidney-layer "
-                   "adequate|inadequate, mesangial M0|M1, liver HCC|CCA (default: drawn "
-                   "from the seed)")
+                   "adequate|inadequate, mesangial M0|M1, liver HCC|CCA, glomerular-dx "
+                   "IgAN|MN|LN (default: drawn from the seed)")
     g.add_argument("--positive", action="store_true", help="fls: FS >= 1; mesangial: M1")
     g.add_argument("--negative", action="store_true", help="fls: FS < 1; mesangial: M0")
     p.add_argument("--species", choices=("human", "mouse"),
                    help="kidney-layer only: human needle cores (default) or a whole mouse "
                    "kidney section")
     p.add_argument("--cohort", type=int, metavar="N",
-                   help="liver only: write a cohort of N patients into the --out folder")
+                   help="liver: a cohort of N patients (cohort.csv); glomerular-dx: N "
+                   "cases (cases.csv); written into the --out folder")
     p.add_argument("--annotated", type=int, metavar="K",
-                   help="with --cohort: patients that keep their label masks (default N // 4)")
+                   help="liver --cohort: patients that keep their label masks "
+                   "(default N // 4)")
     p.add_argument("--pen", action="store_true", help="add a marker-pen stroke")
     p.add_argument("--fold", action="store_true", help="add a tissue fold")
     p.add_argument("--workers", type=int, metavar="N",
@@ -80,6 +85,9 @@ def run(argv: list[str] | None = None) -> dict:
     from .generate import get_spec, write_slide
 
     args = build_parser().parse_args(argv)
+    plugin = _plugin(args.task)
+    if plugin is not None:
+        return _from_plugin(plugin, args)
     get_spec(args.task)
     if args.workers is not None and args.workers < 0:
         raise UsageError("--workers must be >= 0")
@@ -109,6 +117,35 @@ def run(argv: list[str] | None = None) -> dict:
     return truth
 
 
+def _plugin(name: str):
+    """An installed task plugin (not one of the generators here) with a ``synth`` hook."""
+    from ..tasks import task_names
+    from .generate import task_specs
+
+    if name in task_specs() or name not in task_names(trainable=True):
+        return None
+    from ..tasks import get_plugin
+
+    plugin = get_plugin(name, trainable=True)
+    if plugin.synth is None:
+        raise UsageError(f"task {name!r} has no synthetic-slide generator")
+    return plugin
+
+
+def _from_plugin(plugin, args) -> dict:
+    """A slide from a task plugin's own ``synth`` hook (--label, size, MPP, seed)."""
+    if args.cohort or args.annotated or args.pen or args.fold or args.species \
+            or args.positive or args.negative:
+        raise UsageError(f"task {plugin.name!r} (a plugin) takes --label, --width, --height, "
+                         "--mpp, --seed and --workers only")
+    truth = plugin.synth(args.out, width=args.width, height=args.height, mpp=args.mpp,
+                         seed=args.seed, label=args.label, workers=args.workers)
+    if not args.quiet:
+        print(f"wrote {args.out} ({plugin.name}); diagnosis "
+              f"{(truth.get('diagnosis') or {}).get('label')}")
+    return truth
+
+
 def _case(args) -> dict:
     """glomerular-dx: a case folder (om/ slide, im/ immunofluorescence, tem/ bag) at --out."""
     from .cases import write_case
@@ -126,7 +163,8 @@ def _case(args) -> dict:
 
 
 def _cohort(args, progress) -> dict:
-    """--cohort: a liver cohort folder; returns {"cohort": cohort.csv rows}."""
+    """--cohort: a liver cohort folder, returns {"cohort": cohort.csv rows}; or a folder of
+    glomerular-dx cases, returns {"cases": their truth dicts}."""
     if args.cohort is None:
         raise UsageError("--annotated applies with --cohort only")
     if args.task == "glomerular-dx":

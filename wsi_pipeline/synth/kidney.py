@@ -1383,7 +1383,7 @@ MESANGIAL_SPEC = SynthSpec(
     label_tile=label_tile, truth=truth_mesangial, arrays=arrays,
     tissue_classes=TISSUE_CLASSES,
 )
-# registered in generate.task_specs by the lead; `synth.cases.write_case` uses it directly
+# the OM slide of a glomerular-dx case (`synth.cases.write_case`; write_slide writes it alone)
 CASE_OM_SPEC = SynthSpec(
     name="glomerular-dx", legend=LEGEND, labels=CASE_LABELS,
     default_size_px=(6000, 4000), default_mpp=0.5, build=build, render_tile=render_tile,

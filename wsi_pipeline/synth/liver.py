@@ -27,7 +27,7 @@ One tumour type per slide [choice]: the tumour covers a fraction of the tissue d
 `TUMOUR_FRACTION` (0.2-0.6; the tumour field is thresholded at that quantile), the rest is
 non-tumour liver. No mixed HCC-CCA slides.
 
-Label legend (`LEGEND`) [choice, models.md §3]: 0 background, 1 non-tumour liver, 2 HCC,
+Label legend (`LEGEND`) [choice, docs/models.md §3]: 0 background, 1 non-tumour liver, 2 HCC,
 3 CCA, 7 pen. Tumour labels cover the whole tumour region: an HCC capsule counts as HCC and
 the desmoplastic stroma between CCA glands counts as CCA (there is no separate stroma
 class); portal tracts and central veins count as non-tumour liver.
@@ -58,6 +58,7 @@ from .common import (
     render_tissue_tile,
     window,
 )
+from .writer import check_writable, truth_paths, write_spec_slide
 
 LEGEND = {0: "background", 1: "non_tumour", 2: "hcc", 3: "cca", 7: "pen"}
 TISSUE_CLASSES = (1, 2, 3)
@@ -1292,8 +1293,6 @@ def write_liver_cohort(folder: str | os.PathLike, patients: int, annotated: int,
     files. cohort.csv columns: patient_id, slide (path relative to FOLDER), diagnosis,
     annotated (1/0).
     """
-    from .generate import _check_writable, truth_paths, write_slide
-
     patients, annotated = int(patients), int(annotated)
     if patients < 1:
         raise UsageError(f"a cohort needs at least 1 patient, not {patients}")
@@ -1307,7 +1306,7 @@ def write_liver_cohort(folder: str | os.PathLike, patients: int, annotated: int,
     if folder.suffix.lower() in (".svs", ".tif", ".tiff"):
         raise UsageError(f"a cohort is written into a folder, not a slide file: {folder}")
     csv_path = folder / "cohort.csv"
-    _check_writable(csv_path)
+    check_writable(csv_path)
     width = int(width or COHORT_SIZE_PX[0])
     height = int(height or COHORT_SIZE_PX[1])
     diagnoses, flags, n_slides = _cohort_plan(patients, annotated, int(seed), (lo, hi))
@@ -1318,9 +1317,9 @@ def write_liver_cohort(folder: str | os.PathLike, patients: int, annotated: int,
         for j in range(n):
             path = folder / pid / f"{pid}_{j + 1}.svs"
             slide_seed = int(sc.hash_u32(int(seed), 7002, p, j).reshape(-1)[0]) & 0x7FFFFFFF
-            truth_ = write_slide("liver", path, width=width, height=height, mpp=mpp,
-                                 seed=slide_seed, label=dx, workers=workers,
-                                 progress=progress)
+            truth_ = write_spec_slide(SPEC, path, width=width, height=height, mpp=mpp,
+                                      seed=slide_seed, label=dx, workers=workers,
+                                      progress=progress)
             json_path, zarr_path = truth_paths(path)
             if not ann:  # weakly labelled: the diagnosis and areas, no label mask
                 shutil.rmtree(zarr_path, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""`fls` — focal lymphocytic sialadenitis in minor salivary gland (M2CF-Net, models.md §4).
+"""`fls` — focal lymphocytic sialadenitis in minor salivary gland (M2CF-Net, docs/models.md §4).
 
 H&E. M2CF-Net reads concentric 512 px patches at downsample 1, 2 and 4 around one centre
 (HookNet's target resolution is 0.5 um/px), so the pyramid keeps 0.5, 1 and 2 um/px.
@@ -12,6 +12,13 @@ import numpy as np
 from skimage import draw, morphology
 
 from ..export import polygons_from_mask
+from ..labelmaps import (
+    connected_components,
+    iter_bands,
+    new_label_map,
+    thumbnail_tissue,
+    tissue_band,
+)
 from ..nuclei import (
     AggregateParams,
     LymphocyteParams,
@@ -20,15 +27,9 @@ from ..nuclei import (
 )
 from ..slide import Slide
 from ..stain import StainFit
-from ..stitch import (
-    connected_components,
-    iter_bands,
-    new_label_map,
-    thumbnail_tissue,
-    tissue_band,
-)
 from ..store import SlideStore
-from . import MeasureInputs, ModelSpec, TaskSpec
+from .hooks import demo_slide, synth_slides
+from .spec import AltModel, MeasureInputs, ModelSpec, Task, TaskSpec
 
 # The network segments every dense lymphocytic aggregate; the >= 50 lymphocyte rule that
 # makes an aggregate a *focus* is applied afterwards by counting nuclei.
@@ -264,3 +265,27 @@ def _points_in_mask(points_um: np.ndarray, mask: np.ndarray, ox_um: float, oy_um
     inside = np.zeros(len(points_um), bool)
     inside[ok] = mask[row[ok], col[ok]]
     return inside
+
+
+# -- the plugin ------------------------------------------------------------------------------
+def _classical_params() -> dict:
+    return {"mode": "classical", "lymphocytes": asdict(LymphocyteParams()),
+            "aggregates": asdict(AggregateParams())}
+
+
+def _classical(slide: Slide, store: SlideStore, stain: StainFit, *, workers: int = 2,
+               progress=None) -> dict:
+    return classical_infer(slide, store, stain, FlsParams(), LymphocyteParams(),
+                           AggregateParams(), workers=workers, progress=progress)
+
+
+SYNTH = synth_slides("fls")
+PLUGIN = Task(
+    spec=TASK, legend=LEGEND, stitch=stitch, measure=measure, params=FlsParams,
+    measure_params=measure_params, overlay_classes=OVERLAY_CLASSES,
+    modes={"classical": AltModel(
+        description="weight-free: dense aggregates of lymphocytes found by a nucleus detector",
+        params=_classical_params, infer=_classical)},
+    demo=demo_slide(SYNTH, "fls_demo", mpp=0.5, label="positive", seed=1, width=12000,
+                    height=9000),
+    synth=SYNTH, synth_labels=("positive", "negative"))

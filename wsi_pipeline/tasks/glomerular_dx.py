@@ -1,4 +1,4 @@
-"""`glomerular-dx` — CMUS-Net tri-modal IgAN / MN / LN (models.md §2, seed 001).
+"""`glomerular-dx` — CMUS-Net tri-modal IgAN / MN / LN (docs/models.md §2, seed 001).
 
 The input is a case folder (`wsi_pipeline.case`: om/ slide, im/ and tem/ images). The OM
 slide goes through the same stages as `mesangial`: PAS pyramid at 0.5, 1 and 2 um/px, the
@@ -23,13 +23,13 @@ a usable IM image and >= 1 TEM image are checked when the case is read (else it 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..stitch import new_label_map
+from ..labelmaps import new_label_map
 from ..store import SlideStore
-from . import MeasureInputs, ModelSpec, TaskSpec
 from .glomeruli import (
     GlomerulusParams,
     detector_at,
@@ -37,6 +37,8 @@ from .glomeruli import (
     read_crops,
     stitch_candidates,
 )
+from .hooks import synth_slides
+from .spec import MeasureInputs, ModelSpec, Task, TaskSpec
 
 CLASSES = ("MN", "IgAN", "LN")  # the network's output order [code]
 CLASSIFIER = ModelSpec(arch="cmus_net", classes=CLASSES, annotations={},
@@ -225,3 +227,28 @@ def measure(inputs: MeasureInputs, params: GlomerularDxParams | None = None) -> 
                  "tem_kept": kept, "image_px": px,
                  "glomeruli_classified": [int(i) for i in used]},
     }
+
+
+def read_inputs(path: str | Path) -> dict[str, Any]:
+    """Reads the case before the slide work (a missing modality fails here) and returns
+    the fingerprint of its IM and TEM files (part of the measure stage's inputs)."""
+    from ..case import read_case
+
+    return read_case(path).fingerprint
+
+
+def write_demo(folder: Path) -> Path:
+    """The demo case folder (om/, im/, tem/): an LN case, a seed outside the demo weights'
+    cohort."""
+    from ..synth.cases import write_case
+
+    write_case(folder / "glomerular_dx_demo", label="LN", seed=1, om_size_px=(6000, 4000),
+               mpp=0.5)
+    return folder / "glomerular_dx_demo"
+
+
+PLUGIN = Task(
+    spec=TASK, legend=LEGEND, stitch=stitch, measure=measure, params=GlomerularDxParams,
+    measure_params=measure_params, overlay_classes=OVERLAY_CLASSES, colors=COLORS,
+    read_inputs=read_inputs, demo=write_demo, synth=synth_slides("glomerular-dx"),
+    synth_labels=("IgAN", "MN", "LN"), trainer="cases")

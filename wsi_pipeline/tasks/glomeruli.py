@@ -1,9 +1,9 @@
-"""Glomerulus detection, the step `mesangial` and `glomerular-dx` share (models.md §0).
+"""Glomerulus detection, the step `mesangial` and `glomerular-dx` share (docs/models.md §0).
 
 No seed publishes a detector, so [choice]: a U-Net segments glomeruli on PAS at ~1 um/px
 (the x2 level of a 0.5 um/px pyramid), windows of 512 px (512 um: a whole human glomerulus,
-150-250 um across, with room around it; models.md suggests 1024 px, the overlap blending
-makes the window size matter little) overlapping by 128 px, probabilities kept at 2 um/px.
+150-250 um across, with room around it; docs/models.md suggests 1024 px, the overlap
+blending makes the window size matter little) overlapping by 128 px, probabilities kept at 2 um/px.
 Connected components of probability >= 0.5 whose area-equivalent diameter lies in
 [``min_diameter_um``, ``max_diameter_um``] are glomeruli: smaller ones are tuft fragments or
 false positives, larger ones merged neighbours or artefacts. Each glomerulus gets its
@@ -15,13 +15,13 @@ the task name "glomeruli", and a task that uses it declares `detector_at` its le
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 from scipy import ndimage
 
 from ..export import polygons_from_mask
-from ..stitch import (
+from ..labelmaps import (
     connected_components,
     iter_bands,
     new_label_map,
@@ -29,7 +29,8 @@ from ..stitch import (
     tissue_band,
 )
 from ..store import SlideStore
-from . import ModelSpec, TaskSpec
+from .hooks import synth_slides
+from .spec import MeasureInputs, ModelSpec, Task, TaskSpec
 
 MODEL = ModelSpec(
     arch="unet", classes=("glomerulus",),
@@ -133,3 +134,43 @@ def stitch_candidates(store: SlideStore, legend: dict[int, str]) -> dict:
     px_mm2 = mpp * mpp / 1e6
     return {"mpp": mpp, "areas_mm2": {"tissue": round(tissue_px * px_mm2, 5),
                                       "glomerulus_candidates": round(candidate_px * px_mm2, 5)}}
+
+
+# -- the detector on its own (``wsi-train --task glomeruli``) -----------------------------------
+LEGEND = {0: "background", 1: "glomerulus candidate", 2: "glomerulus"}
+
+
+def _stitch(store: SlideStore, params: GlomerulusParams) -> dict:
+    return stitch_candidates(store, LEGEND)
+
+
+def _measure(inputs: MeasureInputs, params: GlomerulusParams | None = None) -> dict:
+    """Glomeruli (`find_glomeruli`) as objects, their count and area."""
+    params = params or GlomerulusParams()
+    store = inputs.store
+    glomeruli, rejected = find_glomeruli(store.root["pred/prob"], params)
+    classes = new_label_map(store, "pred/classes", store.root["pred/labels"], LEGEND)
+    for g in glomeruli:
+        y0, x0, y1, x1 = g["bbox_px"]
+        block = np.asarray(classes[y0:y1, x0:x1])
+        block[g["mask"]] = 2
+        classes[y0:y1, x0:x1] = block
+    return {"diagnosis": {"label": None, "adequate": None,
+                          "note": f"{len(glomeruli)} glomeruli"},
+            "scores": {}, "counts": {"glomeruli": len(glomeruli),
+                                     "rejected_components": rejected},
+            "areas_mm2": {**inputs.areas_mm2,
+                          "glomeruli": round(sum(g["area_um2"] for g in glomeruli) / 1e6, 5)},
+            "objects": [{"name": "Glomerulus", "kind": "glomerulus", "color": (0, 114, 178),
+                         "polygon_um": g["polygon_um"], "centroid_um": g["centroid_um"],
+                         "measurements": {"area_um2": g["area_um2"],
+                                          "diameter_um": g["diameter_um"]}}
+                        for g in glomeruli]}
+
+
+# what the detector and the mesangial classifier train on
+synth_kidney = synth_slides("mesangial")
+PLUGIN = Task(spec=TASK, legend=LEGEND, stitch=_stitch, measure=_measure,
+              params=GlomerulusParams, measure_params=lambda: asdict(GlomerulusParams()),
+              overlay_classes=(2,), synth=synth_kidney, synth_labels=("M0", "M1"),
+              runnable=False)

@@ -1,4 +1,4 @@
-"""`kidney-layer` — cortex/medulla segmentation with cross-species training (models.md §1).
+"""`kidney-layer` — cortex/medulla segmentation, cross-species training (docs/models.md §1).
 
 PAS. One softmax head over the seven-class joint label space of human and mouse kidney
 [code]; human and mouse patches are mixed in training (``wsi-train --task kidney-layer
@@ -15,9 +15,10 @@ diagnosis "adequate" when cortex is present (at least ``min_cortex_mm2``), else
 from dataclasses import asdict, dataclass
 
 from ..export import region_objects
-from ..stitch import argmax_labels, new_label_map
+from ..labelmaps import argmax_labels, new_label_map
 from ..store import SlideStore
-from . import MeasureInputs, ModelSpec, TaskSpec
+from .hooks import demo_slide, synth_slides
+from .spec import MeasureInputs, ModelSpec, Task, TaskSpec
 
 CLASSES = ("background", "mouse_inner_medulla", "mouse_inner_stripe", "mouse_outer_stripe",
            "mouse_cortex", "cortex", "medulla")
@@ -119,3 +120,12 @@ def measure(inputs: MeasureInputs, params: LayerParams | None = None) -> dict:
         "areas_mm2": dict(areas),
         "objects": objects,
     }
+
+
+SYNTH = synth_slides("kidney-layer")
+PLUGIN = Task(
+    spec=TASK, legend=LEGEND, stitch=stitch, measure=measure, params=LayerParams,
+    measure_params=measure_params, overlay_classes=OVERLAY_CLASSES, colors=COLORS,
+    demo=demo_slide(SYNTH, "kidney_layer_demo", mpp=0.5, label="adequate", seed=1,
+                    width=16000, height=8000),
+    synth=SYNTH, synth_labels=("adequate", "inadequate"))

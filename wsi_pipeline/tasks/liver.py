@@ -1,5 +1,5 @@
 """`liver` — HCC vs intrahepatic cholangiocarcinoma with weak complementary labels
-(models.md §3).
+(docs/models.md §3).
 
 H&E. A four-class softmax U-Net (background, non-tumour liver, HCC, CCA) on 512 px patches
 at 1.0 um/px [choice: the trabeculae of HCC and the glands of CCA are tens of um across],
@@ -18,9 +18,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from ..export import region_objects
-from ..stitch import argmax_labels, new_label_map
+from ..labelmaps import argmax_labels, new_label_map
 from ..store import SlideStore
-from . import MeasureInputs, ModelSpec, TaskSpec
+from .hooks import demo_slide, synth_slides
+from .spec import MeasureInputs, ModelSpec, PatientRule, Task, TaskSpec
 
 CLASSES = ("background", "liver", "hcc", "cca")
 # the class a weakly labelled slide's patches cannot be, by the patient's diagnosis
@@ -127,3 +128,13 @@ def case_rule(reports: Sequence[dict], params: LiverParams | None = None) -> dic
     return {"slides": len(reports), "hcc_mm2": round(hcc, 5), "cca_mm2": round(cca, 5),
             "hcc_fraction": result["scores"]["hcc_fraction"],
             "diagnosis": result["diagnosis"]["label"]}
+
+
+SYNTH = synth_slides("liver")
+PLUGIN = Task(
+    spec=TASK, legend=LEGEND, stitch=stitch, measure=measure, params=LiverParams,
+    measure_params=measure_params, overlay_classes=OVERLAY_CLASSES, colors=COLORS,
+    patient_rule=PatientRule(columns=("hcc_fraction", "hcc_mm2", "cca_mm2"), rule=case_rule),
+    demo=demo_slide(SYNTH, "liver_demo", mpp=0.5, label="HCC", seed=1, width=8000,
+                    height=6000),
+    synth=SYNTH, synth_labels=("HCC", "CCA"))

@@ -1,4 +1,4 @@
-"""`mesangial` — IgA nephropathy mesangial hypercellularity M0/M1 (SimCLR, models.md §5).
+"""`mesangial` — IgA nephropathy mesangial hypercellularity M0/M1 (SimCLR, docs/models.md §5).
 
 PAS, pyramid at 0.5, 1 and 2 um/px. The infer stage runs the shared glomerulus detector
 (`tasks.glomeruli`) on the 1 um/px level; the measure stage cuts a 512 x 512 crop at
@@ -16,16 +16,18 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ..stitch import new_label_map
+from ..labelmaps import new_label_map
 from ..store import SlideStore
-from . import MeasureInputs, ModelSpec, TaskSpec
 from .glomeruli import (
     GlomerulusParams,
     detector_at,
     find_glomeruli,
     read_crops,
     stitch_candidates,
+    synth_kidney,
 )
+from .hooks import demo_slide
+from .spec import MeasureInputs, ModelSpec, Task, TaskSpec
 
 CLASSIFIER = ModelSpec(arch="glomerulus_classifier", classes=("hypercellular",),
                        annotations={"hypercellular": ("glomerulus_hypercellular", "M1")},
@@ -152,3 +154,11 @@ def measure(inputs: MeasureInputs, params: MesangialParams | None = None) -> dic
                       "glomeruli": round(sum(g["area_um2"] for g in glomeruli) / 1e6, 5)},
         "objects": objects,
     }
+
+
+PLUGIN = Task(
+    spec=TASK, legend=LEGEND, stitch=stitch, measure=measure, params=MesangialParams,
+    measure_params=measure_params, overlay_classes=OVERLAY_CLASSES, colors=COLORS,
+    demo=demo_slide(synth_kidney, "mesangial_demo", mpp=0.5, label="M1", seed=1,
+                    width=16000, height=8000),
+    synth=synth_kidney, synth_labels=("M0", "M1"), trainer="crops")

@@ -1,4 +1,5 @@
-"""``wsi-train --task mesangial --stage pretrain|finetune``: the glomerulus classifier.
+"""The ``crops`` trainer (``wsi-train --task mesangial --stage pretrain|finetune``): the
+glomerulus classifier.
 
     wsi-train --task mesangial --stage pretrain --synth 12 --out weights/mes_simclr
     wsi-train --task mesangial --stage finetune --synth 12 --init weights/mes_simclr.safetensors \\
@@ -6,12 +7,13 @@
 
 Glomerulus crops (512 x 512 at 0.5 um/px, the crops the ``mesangial`` task classifies) are
 cut around each annotated glomerulus of the slides, after the pipeline's own stages up to
-the pyramid (stain-normalised exactly as at inference). Annotations: a synthetic slide's
-``truth.json`` (glomeruli with their hypercellular flag) or a QuPath ``<stem>.geojson``
-whose glomeruli are classified ``glomerulus`` (M0-like) or ``glomerulus_hypercellular``.
-Crops are kept at ``INPUT_PX`` (1 um/px) in memory.
+the pyramid (stain-normalised exactly as at inference). Annotations
+(`wsi_pipeline.train.data.annotated_glomeruli`): a synthetic slide's ``truth.json``
+(glomeruli with their hypercellular flag) or a QuPath ``<stem>.geojson`` whose glomeruli
+are classified ``glomerulus`` (M0-like) or ``glomerulus_hypercellular``. Crops are kept at
+``INPUT_PX`` (1 um/px) in memory.
 
-pretrain: SimCLR (models.md §5) on all crops without their labels: two views per crop
+pretrain: SimCLR (docs/models.md §5) on all crops without their labels: two views per crop
 (`models.simclr.simclr_view`: random crop, flip, rotation, colour jitter, CLAHE), NT-Xent,
 AdamW. Writes a checkpoint of task ``mesangial-pretrain``.
 finetune: the classifier (encoder from ``--init`` or from scratch) on labelled crops
@@ -22,25 +24,29 @@ epoch is kept. Writes the ``mesangial`` checkpoint that ``wsi-run`` loads.
 
 from __future__ import annotations
 
+import argparse
 import copy
-import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from scipy.stats import mannwhitneyu
 
-from .errors import UsageError
-from .models.simclr import classifier_input, images_to_tensor, simclr_view
-from .tasks.mesangial import INPUT_PX
+from ..errors import UsageError
+from ..models.simclr import classifier_input, images_to_tensor, simclr_view
+from ..tasks.mesangial import INPUT_PX
+from .common import Log, command_line, parse_size, software_meta, stain_reference_meta
+from .data import annotated_glomeruli, expand_slides, make_synthetic_cohort, require_synth
+
+if TYPE_CHECKING:
+    from ..tasks import Task
 
 VIEW_PX = 224           # SimCLR views
 PRETRAIN_TASK = "mesangial-pretrain"
-Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -57,62 +63,26 @@ class CropSet:
         return CropSet(self.crops[keep], self.labels[keep], self.slide[keep], self.slide_ids)
 
 
-def annotated_glomeruli(path: Path) -> list[tuple[float, float, int]]:
-    """(x_um, y_um, label) of each glomerulus annotated beside slide ``path``: from a
-    synthetic ``truth.json`` or a QuPath ``<stem>.geojson`` (centroid of each polygon
-    classified glomerulus / glomerulus_hypercellular; the slide's MPP converts pixels)."""
-    from .synth import truth_paths
-
-    truth_json, _ = truth_paths(path)
-    if truth_json.is_file():
-        truth = json.loads(truth_json.read_text())
-        return [(o["x_um"], o["y_um"], int(bool(o.get("hypercellular"))))
-                for o in truth.get("objects", []) if o.get("type") == "glomerulus"]
-    geojson = path.with_suffix(".geojson")
-    if not geojson.is_file():
-        raise UsageError(f"{path}: no annotations ({truth_json.name} or {geojson.name})")
-    from .slide import open_slide
-
-    slide = open_slide(path)
-    mpp = slide.mpp
-    slide.close()
-    data = json.loads(geojson.read_text())
-    features = data.get("features", data) if isinstance(data, dict) else data
-    found = []
-    for f in features:
-        cls = ((f.get("properties") or {}).get("classification") or {})
-        name = str(cls.get("name", cls) if isinstance(cls, dict) else cls).strip().casefold()
-        if name not in ("glomerulus", "glomerulus_hypercellular"):
-            continue
-        geometry = f.get("geometry") or {}
-        rings = geometry.get("coordinates") or []
-        if geometry.get("type") == "MultiPolygon":
-            rings = rings[0] if rings else []
-        if not rings:
-            continue
-        xy = np.asarray(rings[0], float)
-        found.append((float(xy[:, 0].mean() * mpp), float(xy[:, 1].mean() * mpp),
-                      int(name == "glomerulus_hypercellular")))
-    return found
-
-
 def collect_crops(paths: Sequence[Path], ids: Sequence[str], work: Path, *, workers: int = 2,
-                  mpp: float | None = None, log: Log = print) -> CropSet:
+                  mpp: float | None = None, log: Log = print, task: Task | None = None
+                  ) -> CropSet:
     """Normalised glomerulus crops of every annotated glomerulus of ``paths`` (see the
-    module docstring); pyramids go to ``work/<id>/store.zarr`` and are reused."""
+    module docstring); pyramids go to ``work/<id>/store.zarr`` and are reused. ``task``
+    runs the stages (default: the mesangial plugin)."""
     import zarr
 
-    from .run import RunOptions, run_slide
-    from .tasks import get_task
-    from .tasks.glomeruli import GlomerulusParams, read_crops
+    from ..pipeline import RunOptions, run_slide
+    from ..tasks import get_plugin
+    from ..tasks.glomeruli import GlomerulusParams, read_crops
 
-    task = get_task("mesangial")
+    plugin = task or get_plugin("mesangial")
+    task = plugin.spec
     params = GlomerulusParams()
     crops, labels, slide_index = [], [], []
     for i, (slide_id, path) in enumerate(zip(ids, paths, strict=True)):
         found = annotated_glomeruli(Path(path))
-        run_slide(path, task, slide_id, RunOptions(out=work, until="pyramid", workers=workers,
-                                                   mpp=mpp))
+        run_slide(path, plugin, slide_id, RunOptions(out=work, until="pyramid",
+                                                     workers=workers, mpp=mpp))
         image = zarr.open_group(str(work / slide_id / "store.zarr"), mode="r")["image/0"]
         centres = np.array([(x, y) for x, y, _ in found], float).reshape(-1, 2)
         for crop in read_crops(image, task.mpp, centres, params):
@@ -158,7 +128,7 @@ def pretrain(model: torch.nn.Module, crops: np.ndarray, opts: CropOptions,
              device: torch.device, log: Log = print) -> dict[str, Any]:
     """SimCLR: ``opts.epochs`` passes over ``crops`` in batches of two views each,
     NT-Xent; trains ``model`` (`models.simclr.SimCLR`) in place; returns the metrics."""
-    from .models.losses import nt_xent_loss
+    from ..models.losses import nt_xent_loss
 
     rng = np.random.default_rng(opts.seed)
     batch = min(opts.batch_size, len(crops))
@@ -276,20 +246,19 @@ def finetune(model: torch.nn.Module, train: CropSet, val: CropSet | None, opts: 
             "seconds": round(time.perf_counter() - started, 1), "history": history}
 
 
-def run_stage(args: Any, argv: Sequence[str], device: torch.device, log: Log = print) -> int:
-    """The ``wsi-train --task mesangial`` command (``args`` from `train.build_parser`)."""
-    import shlex
+def run(args: argparse.Namespace, argv: Sequence[str], plugin: Task, log: Log = print) -> int:
+    """``wsi-train`` for a task of the ``crops`` trainer, ``--stage pretrain|finetune``
+    (``args`` from `wsi_pipeline.train.cli.build_parser`); returns the exit code."""
+    from ..batch import unique_ids
+    from ..checkpoint import load_checkpoint, save_checkpoint
+    from ..models import build_model, count_parameters
+    from ..models.simclr import GlomerulusClassifier
+    from ..pipeline import resolve_device
 
-    from . import __version__
-    from .batch import unique_ids
-    from .checkpoint import load_checkpoint, save_checkpoint
-    from .models import build_model, count_parameters
-    from .models.simclr import GlomerulusClassifier
-    from .stain import REFERENCES
-    from .tasks import get_task
-    from .train import _size, expand_slides, make_synthetic_cohort
-
-    task = get_task("mesangial")
+    device = torch.device(resolve_device(args.device))
+    task = plugin.spec
+    if args.synth:
+        require_synth(plugin)
     stage = args.stage or "finetune"
     opts = CropOptions(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                        tau=args.tau, labels_per_class=args.labels_per_class, seed=args.seed)
@@ -300,15 +269,15 @@ def run_stage(args: Any, argv: Sequence[str], device: torch.device, log: Log = p
     paths = expand_slides(args.data)
     synth = None
     if args.synth:
-        size = _size(args.synth_size, "--synth-size")
-        paths += make_synthetic_cohort(task, work / "synth", args.synth, seed=args.synth_seed,
+        size = parse_size(args.synth_size, "--synth-size")
+        paths += make_synthetic_cohort(plugin, work / "synth", args.synth, seed=args.synth_seed,
                                        size_px=size, workers=args.workers, log=log)
         synth = {"n": args.synth, "seeds": [args.synth_seed + i for i in range(args.synth)],
                  "size_px": list(size), "mpp": 0.5, "labels": "M0/M1 alternating"}
     val_paths = expand_slides(args.val) if args.val else []
     ids = unique_ids([p.stem for p in [*paths, *val_paths]])
     crops = collect_crops([*paths, *val_paths], ids, work / "stores", workers=args.workers,
-                          mpp=args.mpp, log=log)
+                          mpp=args.mpp, log=log, task=plugin)
     n_train_slides = len(paths)
     if not val_paths and stage == "finetune" and args.val_fraction > 0 and len(paths) > 1:
         rng = np.random.default_rng(args.seed)
@@ -319,11 +288,10 @@ def run_stage(args: Any, argv: Sequence[str], device: torch.device, log: Log = p
     is_val = np.isin(crops.slide, sorted(val_slides))
     torch.manual_seed(opts.seed)
     meta_common = {"mpp": task.mpp, "tile_px": 512,
-                   "stain_reference": {"name": task.stain, **REFERENCES[task.stain].to_dict()},
+                   "stain_reference": stain_reference_meta(task),
                    "demo": bool(args.demo), "input_px": INPUT_PX}
-    training = {"command": "wsi-train " + shlex.join(list(argv)), "stage": stage,
-                "package_version": __version__, "torch": torch.__version__,
-                "device": str(device), "synthetic_cohort": synth,
+    training = {"command": command_line(argv), "stage": stage, **software_meta(device),
+                "synthetic_cohort": synth,
                 "slides": {"train": [ids[i] for i in range(len(ids)) if i not in val_slides],
                            "validation": [ids[i] for i in sorted(val_slides)]},
                 "epochs": opts.epochs, "batch_size": opts.batch_size, "lr": opts.lr,

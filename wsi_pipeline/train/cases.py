@@ -1,4 +1,5 @@
-"""``wsi-train --task glomerular-dx``: CMUS-Net on case folders, patient-level k-fold CV.
+"""The ``cases`` trainer (``wsi-train --task glomerular-dx``): CMUS-Net on case folders,
+patient-level k-fold CV.
 
     wsi-train --task glomerular-dx --synth 45 --out weights/gdx_synth
     wsi-train --task glomerular-dx --data cohort/ --folds 5 --out weights/gdx_lab
@@ -8,15 +9,15 @@ case is ``diagnosis.label`` of its ``truth.json`` or its row (``case_id``, ``dia
 optional ``patient_id``) of a ``cases.csv`` beside it; ``--synth N`` first writes N
 synthetic cases (`synth.cases.write_case_cohort`, balanced IgAN / MN / LN) into
 ``WORK/synth``. OM: every annotated glomerulus of the case's slide (the om slide's
-``truth.json`` or a QuPath ``<stem>.geojson``, as `train_crops.annotated_glomeruli` reads
+``truth.json`` or a QuPath ``<stem>.geojson``, as `train.data.annotated_glomeruli` reads
 them) gives a 512 x 512 crop at 0.5 um/px read from the pipeline's own normalised pyramid
 (``run_slide(..., until="pyramid")``), so training sees what inference sees; IM and TEM are
 read by `wsi_pipeline.case` (first IM image, first 10 TEM images in sorted order). Every
 image is kept in memory at the network's ``image_px`` (what inference sees) and at twice
 that (for training's random crops).
 
-Training (models.md §2): Adam (amsgrad), weight decay 5e-5, cosine decay from ``--lr`` to
-``--lr`` / 10 over the epochs, batches of 4 cases, loss ``cmus_loss``
+Training (docs/models.md §2): Adam (amsgrad), weight decay 5e-5, cosine decay from ``--lr``
+to ``--lr`` / 10 over the epochs, batches of 4 cases, loss ``cmus_loss``
 (CE fusion + 0.3 OM + 0.5 IM + 0.2 TEM); per step one random annotated OM crop of each case.
 Our choices, for tiny randomly initialised encoders on a CPU (the paper: ImageNet Swin-B,
 lr 5e-5, 40 epochs), all in `CaseTrainOptions`:
@@ -49,22 +50,33 @@ The bundled demo weights (``wsi_pipeline/weights/glomerular_dx_demo.*``) come fr
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
-import shlex
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from .errors import OutputNotWritable, UsageError
+from ..errors import OutputNotWritable, UsageError
+from .common import (
+    Log,
+    command_line,
+    make_folders,
+    parse_size,
+    software_meta,
+    stain_reference_meta,
+)
+from .data import annotated_glomeruli
 
-Log = Callable[[str], None]
+if TYPE_CHECKING:
+    from ..tasks import Task
+
 # [choice] a CPU-sized CMUS-Net: three ~0.3 M-parameter MobileNetV3 encoders (1.8 MB fp16)
 DEMO_ARCH = {"encoder_name": "tu-mobilenetv3_small_050", "encoder_depth": 5, "width": 64,
              "image_px": 128}
@@ -156,19 +168,21 @@ def case_label(folder: Path) -> tuple[str, str]:
 
 def collect_cases(folders: Sequence[Path], work: Path, class_names: Sequence[str],
                   image_px: int, max_tem: int = 10, *, workers: int = 2,
-                  mpp: float | None = None, log: Log = print) -> list[CaseData]:
+                  mpp: float | None = None, log: Log = print, task: Task | None = None
+                  ) -> list[CaseData]:
     """Every case of ``folders`` in memory (see the module docstring); OM pyramids go to
-    ``work/<case id>/store.zarr`` and are reused."""
+    ``work/<case id>/store.zarr`` and are reused. ``task`` runs the stages (default: the
+    glomerular-dx plugin)."""
     import zarr
 
-    from .batch import unique_ids
-    from .case import read_case, resize_square, stack_tem
-    from .run import RunOptions, run_slide
-    from .tasks import get_task
-    from .tasks.glomeruli import GlomerulusParams, read_crops
-    from .train_crops import annotated_glomeruli
+    from ..batch import unique_ids
+    from ..case import read_case, resize_square, stack_tem
+    from ..pipeline import RunOptions, run_slide
+    from ..tasks import get_plugin
+    from ..tasks.glomeruli import GlomerulusParams, read_crops
 
-    task = get_task("glomerular-dx")
+    plugin = task or get_plugin("glomerular-dx")
+    task = plugin.spec
     params = GlomerulusParams()
     out = []
     for case_id, folder in zip(unique_ids([f.name for f in folders]), folders, strict=True):
@@ -180,7 +194,7 @@ def collect_cases(folders: Sequence[Path], work: Path, class_names: Sequence[str
         found = annotated_glomeruli(case.om_path)
         if not found:
             raise UsageError(f"{case.om_path}: no annotated glomeruli")
-        run_slide(case.om_path, task, case_id,
+        run_slide(case.om_path, plugin, case_id,
                   RunOptions(out=work, until="pyramid", workers=workers, mpp=mpp))
         image = zarr.open_group(str(work / case_id / "store.zarr"), mode="r")["image/0"]
         centres = np.array([(x, y) for x, y, _ in found], float).reshape(-1, 2)
@@ -228,7 +242,7 @@ def augment(image: np.ndarray, out_px: int, rng: np.random.Generator, opts: Case
     side of ``image`` (H, W, 3) uint8, resized, then a random flip/rotation; ``jitter``
     "im" scales the intensity by U(1 - j, 1 + j) (dark background stays dark), "tem" also
     shifts it by U(-j, j) * 64 around mid-grey."""
-    from .case import resize_square
+    from ..case import resize_square
 
     h, w = image.shape[:2]
     side = int(round(min(h, w) * np.sqrt(rng.uniform(opts.min_crop ** 2, 1.0))))
@@ -253,7 +267,7 @@ def make_batch(cases: Sequence[CaseData], rng: np.random.Generator, device: torc
     OM crop, the IM image and its real TEM images (a random subset of ``tem_per_step``),
     each augmented (`augment`, from the ``*_hi`` images); the bag padded to the batch's
     largest real count."""
-    from .tasks.glomerular_dx import _images_to_tensor
+    from ..tasks.glomerular_dx import _images_to_tensor
 
     opts = opts or CaseTrainOptions()
     px = cases[0].om.shape[1]
@@ -284,7 +298,7 @@ def train_cmus(model: torch.nn.Module, cases: Sequence[CaseData], opts: CaseTrai
                device: torch.device, log: Log = print, tag: str = "") -> dict[str, Any]:
     """Train ``model`` in place on ``cases`` (see the module docstring); returns the
     per-epoch mean loss and timings."""
-    from .models.cmus_net import cmus_loss
+    from ..models.cmus_net import cmus_loss
 
     rng = np.random.default_rng([opts.seed, 77])
     batch = min(opts.batch_size, len(cases))
@@ -330,7 +344,7 @@ def recalibrate_bn(model: torch.nn.Module, cases: Sequence[CaseData], device: to
     eval mode. [choice] From-scratch encoders trained with batches of 4 and a high learning
     rate end with running statistics (momentum 0.1) that lag the weights: eval-mode accuracy
     jumped by +-0.2 between neighbouring steps; recalibrated it follows the training loss."""
-    from .tasks.glomerular_dx import _images_to_tensor
+    from ..tasks.glomerular_dx import _images_to_tensor
 
     sets = {"enc_om": np.concatenate([c.om for c in cases]),
             "enc_im": np.stack([c.im for c in cases]),
@@ -357,7 +371,7 @@ def evaluate_cases(model: torch.nn.Module, cases: Sequence[CaseData], device: to
     """Each case as inference classifies it (`tasks.glomerular_dx.predict_case` on up to
     ``EVAL_CROPS`` OM crops): accuracy of the fusion and of each modality head, and the
     (N, K) fusion probabilities. A head the model lacks (its logits None) scores None."""
-    from .tasks.glomerular_dx import predict_case
+    from ..tasks.glomerular_dx import predict_case
 
     probs: dict[str, list[np.ndarray]] = {h: [] for h in ("fusion", "om", "im", "tem")}
     for c in cases:
@@ -415,7 +429,7 @@ def _given(argv: Sequence[str], option: str) -> bool:
 def make_synthetic_cases(folder: Path, n: int, seed: int, size_px: tuple[int, int],
                          log: Log = print) -> list[Path]:
     """``n`` synthetic cases in ``folder`` (reused when the same cohort is already there)."""
-    from .synth.cases import write_case_cohort
+    from ..synth.cases import write_case_cohort
 
     marker = folder / "cohort.json"
     want = {"cases": n, "seed": seed, "om_size_px": list(size_px)}
@@ -429,16 +443,15 @@ def make_synthetic_cases(folder: Path, n: int, seed: int, size_px: tuple[int, in
     return [folder / f"case_{i + 1:03d}" for i in range(n)]
 
 
-def run_cases(args: Any, argv: Sequence[str], device: torch.device, log: Log = print) -> int:
-    """The ``wsi-train --task glomerular-dx`` command (``args`` from `train.build_parser`)."""
-    from . import __version__
-    from .checkpoint import save_checkpoint
-    from .models import build_model, count_parameters
-    from .stain import REFERENCES
-    from .tasks import get_task
-    from .train import _size, make_folders
+def run(args: argparse.Namespace, argv: Sequence[str], plugin: Task, log: Log = print) -> int:
+    """``wsi-train`` for a task of the ``cases`` trainer (``args`` from
+    `wsi_pipeline.train.cli.build_parser`); returns the exit code."""
+    from ..checkpoint import save_checkpoint
+    from ..models import build_model, count_parameters
+    from ..pipeline import resolve_device
 
-    task = get_task("glomerular-dx")
+    device = torch.device(resolve_device(args.device))
+    task = plugin.spec
     spec = task.classifier
     opts = CaseTrainOptions(
         epochs=args.epochs if _given(argv, "--epochs") else CaseTrainOptions.epochs,
@@ -469,7 +482,7 @@ def run_cases(args: Any, argv: Sequence[str], device: torch.device, log: Log = p
     folders = expand_cases(args.data)
     synth = None
     if args.synth:
-        size = _size(args.synth_size, "--synth-size") if _given(argv, "--synth-size") \
+        size = parse_size(args.synth_size, "--synth-size") if _given(argv, "--synth-size") \
             else SYNTH_CASE_SIZE_PX
         seed = args.synth_seed if _given(argv, "--synth-seed") else SYNTH_CASE_SEED
         folders += make_synthetic_cases(work / "synth", args.synth, seed, size, log)
@@ -477,7 +490,8 @@ def run_cases(args: Any, argv: Sequence[str], device: torch.device, log: Log = p
                  "generator": "wsi_pipeline.synth.cases.write_case_cohort"}
     probe = build()
     cases = collect_cases(folders, work / "stores", spec.classes, probe.image_px,
-                          probe.max_tem, workers=args.workers, mpp=args.mpp, log=log)
+                          probe.max_tem, workers=args.workers, mpp=args.mpp, log=log,
+                          task=plugin)
     prep_s = time.perf_counter() - started
     counts = {c: sum(k.label == i for k in cases) for i, c in enumerate(spec.classes)}
     log(f"{len(cases)} cases ({', '.join(f'{c} {n}' for c, n in counts.items())}); "
@@ -502,11 +516,10 @@ def run_cases(args: Any, argv: Sequence[str], device: torch.device, log: Log = p
     model.cpu()
     meta = {"task": task.name, "classes": list(spec.classes), "mpp": task.mpp,
             "tile_px": task.tile_px, "demo": bool(args.demo),
-            "stain_reference": {"name": task.stain, **REFERENCES[task.stain].to_dict()},
+            "stain_reference": stain_reference_meta(task),
             "training": {
-                "command": "wsi-train " + shlex.join(list(argv)),
-                "package_version": __version__, "torch": torch.__version__,
-                "device": str(device), "synthetic_cohort": synth,
+                "command": command_line(argv), **software_meta(device),
+                "synthetic_cohort": synth,
                 "cases": {c.case_id: spec.classes[c.label] for c in cases},
                 "om_crops": "512 px at 0.5 um/px around each annotated glomerulus, from the "
                             "normalised pyramid; one random crop per case per step",
@@ -524,4 +537,3 @@ def run_cases(args: Any, argv: Sequence[str], device: torch.device, log: Log = p
     log(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB) and its .json, "
         f"{metrics['total_seconds']:.0f} s in all")
     return 0
-

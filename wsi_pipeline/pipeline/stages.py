@@ -1,0 +1,278 @@
+"""The seven stages as records: a name, the parameters its output depends on, and the
+function that runs it. Each reads what the stages before it left in the slide's store (and
+their results), and returns a JSON-able summary that the manifest records.
+
+The task-specific parts come from the task plugin (`wsi_pipeline.tasks.Task`): its
+stitch and measure hooks, its legend, its alternative model modes.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from .. import stain as stain_mod
+from ..export import class_colors, write_geojson, write_mask_ome_tiff, write_overlay
+from ..pyramid import PyramidSpec, super_tile_groups, write_pyramid
+from ..tasks import MeasureInputs
+from ..tissue import detect_tissue, thumbnail_mpp, tile_grid
+from .context import SlideContext
+from .options import RunOptions, resolve_device
+
+Results = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage: ``params(ctx)`` is what its output depends on besides the upstream
+    stage (part of its inputs checksum); ``run(ctx, results, inputs)`` does the work and
+    returns the summary the manifest records (``results`` holds the earlier stages')."""
+
+    name: str
+    params: Callable[[SlideContext], dict[str, Any]]
+    run: Callable[[SlideContext, Results, str], dict[str, Any]]
+
+
+# -- tissue ----------------------------------------------------------------------------------
+def _tissue_params(ctx: SlideContext) -> dict[str, Any]:
+    spec, slide = ctx.task.spec, ctx.slide
+    return {"thumbnail_mpp": thumbnail_mpp(slide.size_um, slide.mpp),
+            "tile_um": spec.tile_um, "min_tile_tissue": ctx.opts.min_tile_tissue,
+            **asdict(ctx.opts.tissue)}
+
+
+def _run_tissue(ctx: SlideContext, results: Results, inputs: str) -> dict[str, Any]:
+    slide, store, spec, opts = ctx.slide, ctx.store, ctx.task.spec, ctx.opts
+    mpp = thumbnail_mpp(slide.size_um, slide.mpp)
+    thumb = slide.thumbnail(mpp)
+    found = detect_tissue(thumb, mpp, opts.tissue)
+    tiles = tile_grid(found.mask, mpp, slide.size_um, spec.tile_um, opts.min_tile_tissue)
+    store.write_array("tissue/thumbnail", thumb, {"mpp": mpp})
+    labels = np.where(found.mask, 1, np.where(found.pen, 2, 0)).astype(np.uint8)
+    store.write_array("tissue/mask", labels,
+                      {"mpp": mpp, "legend": {"0": "background", "1": "tissue", "2": "ink"}})
+    store.write_array("tiles", tiles, {"mpp": spec.mpp, "tile_px": spec.tile_px,
+                                       "tile_um": spec.tile_um, "columns": ["row", "col"]})
+    return {"thumbnail_mpp": mpp, "tissue_area_mm2": round(found.area_mm2, 4),
+            "n_tiles": int(len(tiles)), "pen_fraction": round(found.info["pen_fraction"], 4),
+            "saturation_threshold": round(found.saturation_threshold, 4),
+            "od_threshold": round(found.od_threshold, 4)}
+
+
+# -- stain -----------------------------------------------------------------------------------
+def _stain_params(ctx: SlideContext) -> dict[str, Any]:
+    spec, opts = ctx.task.spec, ctx.opts
+    return {"reference": spec.stain, "sample_tiles": opts.stain_sample_tiles, "seed": opts.seed,
+            "mpp": spec.mpp, "tile_px": spec.tile_px,
+            "reference_fit": stain_mod.REFERENCES[spec.stain].to_dict()}
+
+
+def _run_stain(ctx: SlideContext, results: Results, inputs: str) -> dict[str, Any]:
+    slide, store, spec, opts = ctx.slide, ctx.store, ctx.task.spec, ctx.opts
+    tiles = store.read_array("tiles")
+    rng = np.random.default_rng(opts.seed)
+    pick = rng.choice(len(tiles), size=min(len(tiles), opts.stain_sample_tiles), replace=False)
+    pixels = [stain_mod.tissue_pixels(slide.read(c * spec.tile_um, r * spec.tile_um,
+                                                 spec.tile_px, spec.tile_px, spec.mpp))
+              for r, c in tiles[np.sort(pick)]]
+    fit = stain_mod.fit_vahadane(np.concatenate(pixels), seed=opts.seed)
+    reference = stain_mod.REFERENCES[spec.stain]
+    similarity = {name: round(float(stain_mod.stain_similarity(fit, ref)), 4)
+                  for name, ref in stain_mod.REFERENCES.items()}
+    closest = max(similarity, key=similarity.__getitem__)
+    result = {"fit": fit.to_dict(), "reference_name": spec.stain,
+              "reference": reference.to_dict(),
+              "similarity_to_reference": similarity[spec.stain],
+              "similarity_to_references": similarity, "closest_reference": closest,
+              "sampled_tiles": int(len(pick)), "sampled_pixels": int(sum(len(p) for p in pixels))}
+    # Stain vectors tell H&E from PAS only weakly (see stain.stain_similarity): this warns
+    # when the fit is closer to another reference, and stays silent on a close call.
+    if closest != spec.stain:
+        names = stain_mod.STAIN_NAMES
+        result["warning"] = (f"the slide's stain estimate matches {names[closest]} "
+                             f"better than the {names[spec.stain]} this task expects "
+                             f"(similarity {similarity[closest]:.3f} vs "
+                             f"{similarity[spec.stain]:.3f}): check the stain; results may "
+                             "be unreliable")
+    return result
+
+
+def stain_fit(results: Results) -> stain_mod.StainFit:
+    """The slide's fitted stain matrices, from the stain stage's result."""
+    return stain_mod.StainFit.from_dict(results["stain"]["fit"])
+
+
+# -- pyramid ---------------------------------------------------------------------------------
+def _pyramid_params(ctx: SlideContext) -> dict[str, Any]:
+    spec = ctx.task.spec
+    return {"mpp": spec.mpp, "tile_px": spec.tile_px, "context": list(spec.context),
+            "stain_backend": ctx.opts.stain_backend}
+
+
+def _run_pyramid(ctx: SlideContext, results: Results, inputs: str) -> dict[str, Any]:
+    slide, store, spec, opts = ctx.slide, ctx.store, ctx.task.spec, ctx.opts
+    fit = stain_fit(results)
+    device = resolve_device(opts.device) if opts.stain_backend == "torch" else "cpu"
+    normalise = stain_mod.make_normaliser(fit, spec.stain, backend=opts.stain_backend,
+                                          device=device)
+    pyramid = PyramidSpec(mpp=spec.mpp, tile_px=spec.tile_px, context=spec.context)
+    tiles = store.read_array("tiles")
+    bar = progress_bar(opts, total=len(super_tile_groups(tiles, pyramid)),
+                       desc=f"{ctx.slide_id} pyramid")
+    try:
+        stats = write_pyramid(slide, store, tiles, pyramid, normalise, inputs,
+                              workers=opts.workers, progress=bar.update if bar else None)
+    finally:
+        if bar:
+            bar.close()
+    # the store describes itself: which stain matrices made these pixels
+    store.root["image"].attrs["stain"] = {"fit": fit.to_dict(), "reference_name": spec.stain,
+                                          "reference": results["stain"]["reference"],
+                                          "backend": opts.stain_backend}
+    return stats | {"stain_backend": opts.stain_backend, "device": device}
+
+
+# -- infer -----------------------------------------------------------------------------------
+def _infer_params(ctx: SlideContext) -> dict[str, Any]:
+    spec = ctx.task.spec
+    if ctx.opts.model != "network":
+        return ctx.task.modes[ctx.opts.model].params()
+    meta = ctx.model.meta
+    return {"mode": "network", "architecture": meta["architecture"],
+            "weights_sha256": meta["sha256"], "tile_px": spec.tile_px,
+            "overlap_px": spec.model.overlap_px, "out_downsample": spec.model.out_downsample,
+            "level": spec.model.level}
+
+
+def _run_infer(ctx: SlideContext, results: Results, inputs: str) -> dict[str, Any]:
+    store, spec, opts = ctx.store, ctx.task.spec, ctx.opts
+    tiles = store.read_array("tiles")
+    if opts.model != "network":
+        mode = ctx.task.modes[opts.model]
+        bar = progress_bar(opts, total=len(tiles), desc=f"{ctx.slide_id} {opts.model}",
+                           unit="tile")
+        try:
+            return mode.infer(ctx.slide, store, stain_fit(results), workers=opts.workers,
+                              progress=bar.update if bar else None)
+        finally:
+            if bar:
+                bar.close()
+    # torch is imported here, not at the top: runs that stop before inference, or use an
+    # alternative mode, then start in about 1 s instead of 4 s
+    from ..infer import EngineOptions, infer_to_store, window_grid
+
+    model = spec.model
+    # the network reads level `model.level`: its windows are tile_px at that level, over
+    # the tissue tiles that level's coarser grid covers
+    factor = spec.context[model.level]
+    level_hw = tuple(store.root[f"image/{model.level}"].shape[1:])
+    grid = np.unique(tiles // factor, axis=0) if factor > 1 and len(tiles) else tiles
+    windows = window_grid(grid, spec.tile_px, level_hw, model.overlap_px)
+    device = resolve_device(opts.device)
+    bar = progress_bar(opts, total=len(windows), desc=f"{ctx.slide_id} infer", unit="window")
+    try:
+        return infer_to_store(
+            ctx.model.network, store, "prob", windows, size_px=spec.tile_px,
+            overlap_px=model.overlap_px, context=spec.context, level0_hw=level_hw,
+            out_downsample=model.out_downsample,
+            options=EngineOptions(device=device, batch_size=opts.batch_size,
+                                  workers=_loader_workers(opts.workers, device)),
+            inputs=inputs, attrs={"mpp": spec.pred_mpp, "classes": list(model.classes)},
+            base_level=model.level, progress=bar.update if bar else None)
+    finally:
+        if bar:
+            bar.close()
+
+
+def _loader_workers(workers: int, device: str) -> int:
+    """DataLoader processes: on a CPU-only machine with <= 2 cores the model needs them
+    all, and reading in-process measured faster (engine/bare 0.85 vs 0.57 with 2 workers)."""
+    import os
+
+    return 0 if device == "cpu" and (os.cpu_count() or 1) <= 2 else workers
+
+
+# -- stitch, measure -------------------------------------------------------------------------
+def _stitch_params(ctx: SlideContext) -> dict[str, Any]:
+    return asdict(ctx.task.params())
+
+
+def _run_stitch(ctx: SlideContext, results: Results, inputs: str) -> dict[str, Any]:
+    return ctx.task.stitch(ctx.store, ctx.task.params())
+
+
+def _measure_params(ctx: SlideContext) -> dict[str, Any]:
+    params = ctx.task.measure_params()
+    if ctx.extra_inputs is not None:   # e.g. a case's image files
+        params["case_files"] = ctx.extra_inputs
+    if ctx.classifier is not None:
+        params["classifier_sha256"] = ctx.classifier.meta["sha256"]
+    return params
+
+
+def _run_measure(ctx: SlideContext, results: Results, inputs: str) -> dict[str, Any]:
+    classifier = ctx.classifier.network if ctx.classifier is not None else None
+    device = resolve_device(ctx.opts.device) if classifier is not None else "cpu"
+    return ctx.task.measure(MeasureInputs(
+        slide=ctx.slide, store=ctx.store, stain=stain_fit(results),
+        areas_mm2=results["stitch"]["areas_mm2"], classifier=classifier,
+        device=device, batch_size=ctx.opts.batch_size))
+
+
+# -- export ----------------------------------------------------------------------------------
+EXPORT_FILES = ("overlay.png", "mask.ome.tif", "objects.geojson")
+
+
+def _export_params(ctx: SlideContext) -> dict[str, Any]:
+    return {"files": ["mask.ome.tif", "objects.geojson", "overlay.png"]}
+
+
+def _run_export(ctx: SlideContext, results: Results, inputs: str) -> dict[str, Any]:
+    """mask.ome.tif (label map at the working MPP), objects.geojson, overlay.png; the
+    report is written after the stage loop, from the manifest."""
+    store, task, out_dir = ctx.store, ctx.task, ctx.out_dir
+    classes = store.root["pred/classes"]
+    mpp = float(classes.attrs["mpp"])
+    mask = write_mask_ome_tiff(out_dir / "mask.ome.tif", classes, mpp, out_mpp=task.spec.mpp,
+                               legend=dict(task.legend))
+    objects = results["measure"]["objects"]
+    # ids derived from the stage's inputs: a rerun or a resumed run writes the same file
+    n = write_geojson(out_dir / "objects.geojson",
+                      [{"polygon_um": o["polygon_um"], "name": o["name"], "color": o["color"],
+                        "object_type": "annotation", "measurements": o["measurements"],
+                        "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"wsi_pipeline:{inputs}:{i}"))}
+                       for i, o in enumerate(objects)], slide_mpp=ctx.slide.mpp)
+    colors = {k: c for k, c in class_colors(dict(task.legend)).items()
+              if k in task.overlay_classes}
+    write_overlay(out_dir / "overlay.png", store.read_array("tissue/thumbnail"),
+                  float(store.root["tissue/thumbnail"].attrs["mpp"]), labels=classes,
+                  label_mpp=mpp, colors=colors,
+                  tissue_outline=store.read_array("tissue/mask") == 1,
+                  polygons_um=[(np.asarray(o["polygon_um"]), tuple(o["color"]))
+                               for o in objects])
+    return {"mask": {k: v for k, v in mask.items() if k != "path"}, "geojson_features": n,
+            "files": ["report.json", "mask.ome.tif", "objects.geojson", "overlay.png"]}
+
+
+def progress_bar(opts: RunOptions, total: int, desc: str, unit: str = "block") -> Any:
+    """A tqdm bar on a terminal (``opts.show_progress``), else None."""
+    if not opts.show_progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)
+
+
+STAGE_LIST: tuple[Stage, ...] = (
+    Stage("tissue", _tissue_params, _run_tissue),
+    Stage("stain", _stain_params, _run_stain),
+    Stage("pyramid", _pyramid_params, _run_pyramid),
+    Stage("infer", _infer_params, _run_infer),
+    Stage("stitch", _stitch_params, _run_stitch),
+    Stage("measure", _measure_params, _run_measure),
+    Stage("export", _export_params, _run_export),
+)
