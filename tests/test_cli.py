@@ -332,3 +332,32 @@ def test_demo_input_is_written_once_and_never_half(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         demo_input(replace(tiny, spec=replace(tiny.spec, name="other"), demo=broken))
     assert sorted(p.name for p in (tmp_path / "wsi_pipeline").iterdir()) == ["fls_demo"]
+
+
+def test_another_task_never_replaces_results_silently(capsys, tmp_path, fls_slide):
+    """kidney-layer then fls on one slide into one --out: the second run refuses with one
+    line naming the first task and --force; --force replaces; summary.csv keeps one row per
+    slide and task and never shows results that are gone."""
+    import csv
+
+    path, _ = fls_slide
+    out = tmp_path / "o"
+    code, _, _ = run_cli(capsys, path, "--task", "kidney-layer", "--until", "tissue",
+                         "--out", out)
+    assert code == 0
+    code, _, err = run_cli(capsys, path, "--task", "fls", "--until", "tissue", "--out", out)
+    assert code == 1
+    assert_one_error_line(err, "holds results of task kidney-layer", "--force")
+    report = json.loads((out / path.stem / "report.json").read_text())
+    assert report["task"] == "kidney-layer"
+
+    def rows() -> dict:
+        with open(out / "summary.csv", newline="") as f:
+            return {r["task"]: r["status"] for r in csv.DictReader(f)}
+
+    assert rows() == {"kidney-layer": "ok (until tissue)", "fls": "failed"}
+    code, _, _ = run_cli(capsys, path, "--task", "fls", "--until", "tissue", "--out", out,
+                         "--force")
+    assert code == 0
+    assert json.loads((out / path.stem / "report.json").read_text())["task"] == "fls"
+    assert rows() == {"fls": "ok (until tissue)"}

@@ -158,6 +158,7 @@ def test_cases_csv_groups_slides_by_patient_and_never_shows_a_partial_patient(tm
     with open(tmp_path / "cases.csv", newline="") as f:
         cases = {r["patient_id"]: r for r in csv.DictReader(f)}
     assert set(cases) == {"A", "B", "C", "lone"}
+    assert {c["task"] for c in cases.values()} == {"liver"}
     assert (cases["A"]["diagnosis"], cases["A"]["slides"]) == ("HCC", "2")
     assert float(cases["A"]["hcc_fraction"]) == pytest.approx(0.5 / 0.8, abs=1e-5)
     assert cases["B"]["diagnosis"] == "CCA"

@@ -42,8 +42,8 @@ SUMMARY_FIELDS = ["slide_id", "path", "task", "status", "diagnosis", "adequate",
 
 def case_fields(rule: PatientRule) -> list[str]:
     """The columns of ``cases.csv`` for a task's patient rule."""
-    return ["patient_id", "slides", "status", "diagnosis", *rule.columns, "slide_ids", "note",
-            "error"]
+    return ["patient_id", "task", "slides", "status", "diagnosis", *rule.columns, "slide_ids",
+            "note", "error"]
 
 
 @dataclass(frozen=True)
@@ -277,8 +277,10 @@ GAP_ONLY = ("locked", "not run")  # statuses that never replace a row another ru
 
 
 def write_summary(out: Path, rows: list[dict[str, Any]]) -> None:
-    """Merge ``rows`` into ``OUT/summary.csv``: one row per slide id that any run into this
-    folder has seen, updated by this run's rows.
+    """Merge ``rows`` into ``OUT/summary.csv``: one row per slide id and task that any run
+    into this folder has seen, updated by this run's rows. A slide folder holds one task's
+    results, so a finished row of one task drops the other tasks' rows of that slide
+    (``--force`` replaced their results).
 
     Several ``wsi-run`` processes may share an output folder (two terminals, a SLURM
     array): a lock serialises their read-merge-write, and a row that only says a slide was
@@ -289,14 +291,19 @@ def write_summary(out: Path, rows: list[dict[str, Any]]) -> None:
     path = out / "summary.csv"
     with open(out / ".summary.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        merged: dict[str, dict[str, Any]] = {}
+        merged: dict[tuple[str, str], dict[str, Any]] = {}
         if path.exists():
             with open(path, newline="", encoding="utf-8") as f:
-                merged = {r["slide_id"]: r for r in csv.DictReader(f) if r.get("slide_id")}
+                merged = {(r["slide_id"], r.get("task") or ""): r for r in csv.DictReader(f)
+                          if r.get("slide_id")}
         for row in rows:
-            if row["status"] in GAP_ONLY and row["slide_id"] in merged:
+            key = (row["slide_id"], row.get("task") or "")
+            if row["status"] in GAP_ONLY and key in merged:
                 continue
-            merged[row["slide_id"]] = row
+            if row["status"].startswith("ok"):
+                for other in [k for k in merged if k[0] == key[0] and k != key]:
+                    del merged[other]
+            merged[key] = row
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS, extrasaction="ignore",
                                 restval="")
@@ -329,7 +336,7 @@ def write_cases(out: Path, rule: PatientRule, task_name: str) -> list[dict[str, 
     cases = []
     for patient, members in groups.items():
         case = {f: "" for f in fields}
-        case.update(patient_id=patient, slides=len(members),
+        case.update(patient_id=patient, task=task_name, slides=len(members),
                     slide_ids=" ".join(m["slide_id"] for m in members))
         reports, missing, off_stain, warned = [], [], [], []
         for m in members:

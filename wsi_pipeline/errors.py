@@ -72,3 +72,7 @@ class CaseIncomplete(WsiError):
 class CaseImageError(WsiError):
     """An IM or TEM image of a case cannot be read, or is not greyscale/RGB (e.g. 2 or 4+
     channels, a transparent alpha, float pixels, a stack of pages without an RGB page)."""
+
+
+class TaskConflict(WsiError):
+    """The slide's output folder holds another task's results (never replaced silently)."""

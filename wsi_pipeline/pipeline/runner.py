@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import NoTissue, UsageError
+from ..errors import NoTissue, TaskConflict, UsageError
 from ..export import write_overlay
 from ..slide import Slide, open_slide
 from ..store import SlideStore, atomic_write_json, checksum, file_fingerprint
@@ -71,6 +71,10 @@ def _run_stages(slide: Slide, path: str | Path, task: Task, slide_id: str,
                 opts: RunOptions, log: Log, timings: dict[str, dict[str, Any]]
                 ) -> dict[str, Any]:
     out_dir = opts.out / slide_id
+    other = _task_of(out_dir)
+    if other is not None and other != task.name and not opts.force:
+        raise TaskConflict(f"{out_dir}: holds results of task {other}; use another --out, or "
+                           f"--force to replace them with {task.name}")
     if opts.force:
         shutil.rmtree(out_dir / "store.zarr", ignore_errors=True)
     clear_leftovers(out_dir)
@@ -78,6 +82,7 @@ def _run_stages(slide: Slide, path: str | Path, task: Task, slide_id: str,
     for stale in ("report.json",) if opts.until == "export" else OUTPUT_FILES:
         (out_dir / stale).unlink(missing_ok=True)
     store = SlideStore(out_dir / "store.zarr")
+    store.root.attrs["task"] = task.name
     fingerprint = file_fingerprint(path)
     # a case missing a modality, or a wrong checkpoint, fails before the slide work
     extra = task.read_inputs(path) if task.read_inputs is not None else None
@@ -119,6 +124,22 @@ def _run_stages(slide: Slide, path: str | Path, task: Task, slide_id: str,
                           classifier.meta if classifier else None)
     _write_outputs(store, out_dir, report)
     return report
+
+
+def _task_of(out_dir: Path) -> str | None:
+    """The task whose results ``out_dir`` holds (its store's, else its report's), or None."""
+    import json
+
+    for path in (out_dir / "store.zarr" / "zarr.json", out_dir / "report.json"):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        task = (data.get("attributes") or {}).get("task") if path.name == "zarr.json" \
+            else data.get("task")
+        if task:
+            return str(task)
+    return None
 
 
 def clear_leftovers(out_dir: Path) -> None:

@@ -224,7 +224,8 @@ def _run_measure(ctx: SlideContext, results: Results, inputs: str) -> dict[str, 
 
 
 # -- export ----------------------------------------------------------------------------------
-EXPORT_FILES = ("overlay.png", "mask.ome.tif", "objects.geojson")
+EXPORT_FILES = ("overlay.png", "mask.ome.tif", "objects.geojson", "cells.geojson")
+CELLS = "pred/cells"   # (N, 2) x, y um of detected cells, attrs name and color (optional)
 
 
 def _export_params(ctx: SlideContext) -> dict[str, Any]:
@@ -232,7 +233,8 @@ def _export_params(ctx: SlideContext) -> dict[str, Any]:
 
 
 def _run_export(ctx: SlideContext, results: Results, inputs: str) -> dict[str, Any]:
-    """mask.ome.tif (label map at the working MPP), objects.geojson, overlay.png; the
+    """mask.ome.tif (label map at the working MPP), objects.geojson, overlay.png, and
+    cells.geojson when the measure stage left cell detections in ``pred/cells``; the
     report is written after the stage loop, from the manifest."""
     store, task, out_dir = ctx.store, ctx.task, ctx.out_dir
     classes = store.root["pred/classes"]
@@ -254,8 +256,20 @@ def _run_export(ctx: SlideContext, results: Results, inputs: str) -> dict[str, A
                   tissue_outline=store.read_array("tissue/mask") == 1,
                   polygons_um=[(np.asarray(o["polygon_um"]), tuple(o["color"]))
                                for o in objects])
-    return {"mask": {k: v for k, v in mask.items() if k != "path"}, "geojson_features": n,
-            "files": ["report.json", "mask.ome.tif", "objects.geojson", "overlay.png"]}
+    files = ["report.json", "mask.ome.tif", "objects.geojson", "overlay.png"]
+    result = {"mask": {k: v for k, v in mask.items() if k != "path"}, "geojson_features": n}
+    if CELLS in store.root:
+        cells = store.root[CELLS]
+        name, color = str(cells.attrs["name"]), tuple(cells.attrs["color"])
+        result["cells"] = write_geojson(
+            out_dir / "cells.geojson",
+            ({"point_um": xy, "name": name, "color": color, "object_type": "detection",
+              "measurements": {},
+              "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"wsi_pipeline:{inputs}:cell{i}"))}
+             for i, xy in enumerate(np.asarray(cells[...]).reshape(-1, 2))),
+            slide_mpp=ctx.slide.mpp)
+        files.append("cells.geojson")
+    return result | {"files": files}
 
 
 def progress_bar(opts: RunOptions, total: int, desc: str, unit: str = "block") -> Any:
