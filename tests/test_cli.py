@@ -199,6 +199,21 @@ def test_unwritable_output(capsys, tmp_path, fls_slide):
     assert_one_error_line(err, "not writable")
 
 
+def test_a_photo_and_an_out_file_get_clear_lines(capsys, tmp_path, fls_slide):
+    from PIL import Image
+
+    photo = tmp_path / "photo.jpg"
+    Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(photo)
+    code, _, err = run_cli(capsys, photo, "--task", "fls", "--out", tmp_path / "o")
+    assert code == 1
+    assert_one_error_line(err, "a JPEG image, not a whole-slide image", "tiles_to_slides")
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code, _, err = run_cli(capsys, fls_slide[0], "--task", "fls", "--out", blocker)
+    assert code == 2
+    assert_one_error_line(err, f"--out {blocker}: is a file")
+
+
 def test_batch_goes_on_after_a_bad_slide(capsys, tmp_path, fls_slide):
     folder = tmp_path / "batch"
     folder.mkdir()
@@ -361,3 +376,42 @@ def test_another_task_never_replaces_results_silently(capsys, tmp_path, fls_slid
     assert code == 0
     assert json.loads((out / path.stem / "report.json").read_text())["task"] == "fls"
     assert rows() == {"fls": "ok (until tissue)"}
+
+
+def test_progress_in_logs_and_on_a_terminal(tmp_path, fls_slide):
+    """Off a terminal: a JSON line as each stage starts and ends, and progress events
+    inside the long ones; on a terminal (a pty): a line per finished stage."""
+    import os
+    import pty
+
+    path, _ = fls_slide
+    proc = subprocess.run([sys.executable, "-m", "wsi_pipeline.cli", str(path), "--task",
+                           "fls", "--model", "classical", "--out", str(tmp_path / "o"),
+                           "--workers", "1"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    events = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    done = [e["stage"] for e in events if e["status"] == "done"]
+    assert done == ["tissue", "stain", "pyramid", "infer", "stitch", "measure", "export"]
+    progress = [e for e in events if e["status"] == "progress" and e["stage"] == "infer"]
+    assert progress and all(0 < e["done"] < e["total"] for e in progress)
+    assert [e["done"] for e in progress] == sorted(e["done"] for e in progress)
+
+    main_fd, child_fd = pty.openpty()
+    proc = subprocess.run([sys.executable, "-m", "wsi_pipeline.cli", str(path), "--task",
+                           "fls", "--until", "stain", "--out", str(tmp_path / "t")],
+                          stdin=child_fd, stdout=child_fd, stderr=child_fd, timeout=600)
+    os.close(child_fd)
+    text = b""
+    while True:
+        try:
+            chunk = os.read(main_fd, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        text += chunk
+    os.close(main_fd)
+    screen = text.decode(errors="replace")
+    assert proc.returncode == 0, screen
+    assert f"{path.stem}: tissue " in screen and f"{path.stem}: stain " in screen
+    assert "{" not in screen.split("\n")[0]   # no JSON on a terminal

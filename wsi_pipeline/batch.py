@@ -384,8 +384,9 @@ def summary_text(rows: list[dict[str, Any]]) -> str:
     width = max([len(r["slide_id"]) for r in rows] + [8])
     lines = [head]
     for r in rows:
+        inadequate = "INADEQUATE" if r.get("adequate") in (False, "False") else ""
         detail = r["error"] if r["error"] else "; ".join(
-            v for v in (r["diagnosis"], r["scores"], r["counts"]) if v)
+            str(v) for v in (r["diagnosis"], inadequate, r["scores"], r["counts"]) if v)
         lines.append(f"  {r['slide_id']:<{width}}  {r['status']:<8}  {detail}")
     return "\n".join(lines)
 

@@ -44,8 +44,10 @@ DESCRIPTION = ("Analyse whole-slide images with a pathology task: tissue detecti
                "a slide-level report.")
 EXIT_CODES = """exit codes:
   0  every input succeeded
-  1  some inputs failed (the others finished; OUT/summary.csv says which and why)
-  2  usage error (unknown option or task, bad value, nothing to run)"""
+  1  some input could not be analysed (missing or unreadable file, not a slide, no MPP,
+     no tissue, another task's results in its folder...): one line each, the others
+     finished, OUT/summary.csv says which and why
+  2  the command line is wrong: unknown option or task, bad value, no PATH, --out a file"""
 EXAMPLES = """examples:
   wsi-run --demo --task fls                      the demo slide, bundled demo weights
   wsi-run slide.svs --task fls                   one slide -> wsi-out/slide/
@@ -157,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                       weights=args.weights.resolve() if args.weights else None,
                       model=args.model, force=args.force, show_progress=interactive,
                       argv=tuple(argv))
-    log = None if (args.quiet or interactive) else _log_line
+    log = None if args.quiet else _say_stage if interactive else _log_line
     jobs = expand_inputs(args.paths, task.spec.input_kind, args.recursive, args.patient_from)
     say = print
     rows: list[dict[str, Any]] = []
@@ -311,8 +313,11 @@ def demo_input(task: Task) -> Path:
         path = folder / json.loads(record.read_text())["path"]
         if path.exists():
             return path
-    print(f"{PROG}: writing the {task.name} demo input into {folder} (first use) ...",
-          file=sys.stderr)
+    import time
+
+    print(f"{PROG}: writing the {task.name} demo input into {folder} (first use; a minute "
+          "or two) ...", file=sys.stderr, flush=True)
+    started = time.perf_counter()
     try:
         cache.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=cache))
@@ -325,6 +330,8 @@ def demo_input(task: Task) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
     except OSError as exc:
         raise OutputNotWritable(f"{cache}: cannot write the demo input ({exc})") from exc
+    print(f"{PROG}: demo input written in {time.perf_counter() - started:.0f} s",
+          file=sys.stderr, flush=True)
     return folder / relative
 
 
@@ -349,6 +356,18 @@ def _describe(slide_id: str, report: dict[str, Any], folder: Path) -> str:
 def _fail(exc: WsiError) -> int:
     print(f"{PROG}: error: {exc}", file=sys.stderr)
     return exc.exit_code
+
+
+def _say_stage(event: dict[str, Any]) -> None:
+    """On a terminal: one line per finished stage (the bars show the long ones moving)."""
+    from tqdm import tqdm
+
+    if event["status"] == "done":
+        tqdm.write(f"  {event['slide']}: {event['stage']:<8} {event['seconds']:7.1f} s",
+                   file=sys.stderr)
+    elif event["status"] == "reused":
+        tqdm.write(f"  {event['slide']}: {event['stage']:<8}  reused (computed before in "
+                   f"{event['first_run_seconds']:.1f} s)", file=sys.stderr)
 
 
 def _log_line(event: dict[str, Any]) -> None:

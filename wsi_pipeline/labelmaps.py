@@ -157,3 +157,9 @@ def _merge_rows(upper: np.ndarray, lower: np.ndarray, connectivity: int,
             ri, rj = find(i), find(j)
             if ri != rj:
                 parent[rj] = ri
+
+
+def count_regions(labels: zarr.Array, value: int) -> int:
+    """Number of connected regions (8-connected, any size) of ``value`` in a 2-D label map,
+    counted band by band."""
+    return len(connected_components(labels, lambda band: band == value))

@@ -256,8 +256,30 @@ def find_slides(path: str | os.PathLike, recursive: bool = False) -> list[Path]:
 
 
 # -- helpers -----------------------------------------------------------------------------------
+# Ordinary image formats: a photo or an exported tile, not a whole-slide image
+PHOTO_MAGIC = {b"\xff\xd8\xff": "JPEG", b"\x89PNG": "PNG", b"GIF8": "GIF", b"BM": "BMP",
+               b"RIFF": "WebP"}
+
+
+def _refuse_photo(path: str) -> None:
+    """One clear line for a photo or exported tile given as a slide."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return   # the backends say what is wrong with the file
+    kind = next((name for magic, name in PHOTO_MAGIC.items() if head.startswith(magic)), None)
+    if kind is not None:
+        raise UnreadableSlide(
+            f"{path}: a {kind} image, not a whole-slide image (no pyramid, no microns per "
+            "pixel); scan the glass, or make image tiles into slides with "
+            "wsi_pipeline.tiles.tiles_to_slides(folder, out, mpp=UM_PER_PX, colours=...)")
+
+
 def _open_handle(path: str, backend: str) -> tuple[Any, str]:
     """Open ``path`` with the requested backend; return (handle, backend actually used)."""
+    if not is_url(path):
+        _refuse_photo(path)
     if backend == "auto":
         backend = "tiffslide" if is_url(path) else "openslide"
         if backend == "openslide":

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from .errors import OutputNotWritable, StoreError
+from .errors import OutputNotWritable, StoreError, UsageError
 
 MANIFEST = "manifest.json"
 PROGRESS = ".progress"
@@ -105,6 +105,8 @@ def _remote_fingerprint(url: str) -> dict[str, Any]:
 def prepare_output(out_dir: str | os.PathLike) -> Path:
     """Create ``out_dir`` if needed and check that it is writable."""
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: is a file; give a folder (it is created if needed)")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-", delete=True)

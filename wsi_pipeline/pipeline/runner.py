@@ -110,8 +110,10 @@ def _run_stages(slide: Slide, path: str | Path, task: Task, slide_id: str,
             entry = store.record(stage.name, inputs, params, result, time.perf_counter() - t0)
         results[stage.name] = entry["result"]
         timings[stage.name] = {"seconds": entry["seconds"], "reused": reused}
-        log({"slide": slide_id, "stage": stage.name,
-             "status": "reused" if reused else "done", "seconds": entry["seconds"]})
+        log({"slide": slide_id, "stage": stage.name, "status": "reused", "seconds": 0.0,
+             "first_run_seconds": entry["seconds"]} if reused else
+            {"slide": slide_id, "stage": stage.name, "status": "done",
+             "seconds": entry["seconds"]})
         if stage.name == "tissue" and results["tissue"]["n_tiles"] == 0:
             _write_outputs(store, out_dir, build_report(slide, task, slide_id, opts, results,
                                                         timings, fingerprint))

@@ -21,7 +21,7 @@ from ..pyramid import PyramidSpec, super_tile_groups, write_pyramid
 from ..tasks import MeasureInputs
 from ..tissue import detect_tissue, thumbnail_mpp, tile_grid
 from .context import SlideContext
-from .options import RunOptions, resolve_device
+from .options import resolve_device
 
 Results = dict[str, Any]
 
@@ -121,8 +121,7 @@ def _run_pyramid(ctx: SlideContext, results: Results, inputs: str) -> dict[str, 
                                           device=device)
     pyramid = PyramidSpec(mpp=spec.mpp, tile_px=spec.tile_px, context=spec.context)
     tiles = store.read_array("tiles")
-    bar = progress_bar(opts, total=len(super_tile_groups(tiles, pyramid)),
-                       desc=f"{ctx.slide_id} pyramid")
+    bar = progress_bar(ctx, "pyramid", total=len(super_tile_groups(tiles, pyramid)))
     try:
         stats = write_pyramid(slide, store, tiles, pyramid, normalise, inputs,
                               workers=opts.workers, progress=bar.update if bar else None)
@@ -153,8 +152,7 @@ def _run_infer(ctx: SlideContext, results: Results, inputs: str) -> dict[str, An
     tiles = store.read_array("tiles")
     if opts.model != "network":
         mode = ctx.task.modes[opts.model]
-        bar = progress_bar(opts, total=len(tiles), desc=f"{ctx.slide_id} {opts.model}",
-                           unit="tile")
+        bar = progress_bar(ctx, "infer", total=len(tiles), unit="tile")
         try:
             return mode.infer(ctx.slide, store, stain_fit(results), workers=opts.workers,
                               progress=bar.update if bar else None)
@@ -173,7 +171,7 @@ def _run_infer(ctx: SlideContext, results: Results, inputs: str) -> dict[str, An
     grid = np.unique(tiles // factor, axis=0) if factor > 1 and len(tiles) else tiles
     windows = window_grid(grid, spec.tile_px, level_hw, model.overlap_px)
     device = resolve_device(opts.device)
-    bar = progress_bar(opts, total=len(windows), desc=f"{ctx.slide_id} infer", unit="window")
+    bar = progress_bar(ctx, "infer", total=len(windows), unit="window")
     try:
         return infer_to_store(
             ctx.model.network, store, "prob", windows, size_px=spec.tile_px,
@@ -272,13 +270,36 @@ def _run_export(ctx: SlideContext, results: Results, inputs: str) -> dict[str, A
     return result | {"files": files}
 
 
-def progress_bar(opts: RunOptions, total: int, desc: str, unit: str = "block") -> Any:
-    """A tqdm bar on a terminal (``opts.show_progress``), else None."""
-    if not opts.show_progress:
-        return None
-    from tqdm import tqdm
+def progress_bar(ctx: SlideContext, stage: str, total: int, unit: str = "block") -> Any:
+    """Progress of a long stage: a tqdm bar on a terminal (``opts.show_progress``), else
+    log events at every tenth of the work (``{"slide", "stage", "status": "progress",
+    "done", "total"}``), so cluster logs show a stage moving."""
+    if ctx.opts.show_progress:
+        from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)
+        return tqdm(total=total, desc=f"{ctx.slide_id} {stage}", unit=unit, leave=False,
+                    dynamic_ncols=True)
+    return _LogProgress(ctx, stage, total, unit)
+
+
+class _LogProgress:
+    """tqdm's ``update``/``close`` as throttled log events."""
+
+    def __init__(self, ctx: SlideContext, stage: str, total: int, unit: str) -> None:
+        self.ctx, self.stage, self.total, self.unit = ctx, stage, total, unit
+        self.done = self.next_tenth = 0
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        tenth = self.done * 10 // max(self.total, 1)
+        if tenth > self.next_tenth and self.done < self.total:
+            self.next_tenth = tenth
+            self.ctx.log({"slide": self.ctx.slide_id, "stage": self.stage,
+                          "status": "progress", "done": self.done, "total": self.total,
+                          "unit": self.unit})
+
+    def close(self) -> None:
+        pass
 
 
 STAGE_LIST: tuple[Stage, ...] = (

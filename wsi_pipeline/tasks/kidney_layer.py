@@ -15,7 +15,7 @@ diagnosis "adequate" when cortex is present (at least ``min_cortex_mm2``), else
 from dataclasses import asdict, dataclass
 
 from ..export import region_objects
-from ..labelmaps import argmax_labels, new_label_map
+from ..labelmaps import argmax_labels, count_regions, new_label_map
 from ..store import SlideStore
 from .hooks import demo_slide, synth_slides
 from .spec import MeasureInputs, ModelSpec, Task, TaskSpec
@@ -115,8 +115,10 @@ def measure(inputs: MeasureInputs, params: LayerParams | None = None) -> dict:
                              params.min_region_um2)
     result = score(areas["cortex"], areas["medulla"], params)
     return result | {
-        "counts": {"cortex_regions": sum(o["kind"] == "cortex" for o in objects),
-                   "medulla_regions": sum(o["kind"] == "medulla" for o in objects)},
+        # every region counts; only those of at least min_region_um2 are listed as objects
+        "counts": {"cortex_regions": count_regions(labels, CORTEX),
+                   "medulla_regions": count_regions(labels, MEDULLA),
+                   "regions_listed": len(objects)},
         "areas_mm2": dict(areas),
         "objects": objects,
     }

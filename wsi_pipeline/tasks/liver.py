@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from ..export import region_objects
-from ..labelmaps import argmax_labels, new_label_map
+from ..labelmaps import argmax_labels, count_regions, new_label_map
 from ..store import SlideStore
 from .hooks import demo_slide, synth_slides
 from .spec import MeasureInputs, ModelSpec, PatientRule, Task, TaskSpec
@@ -110,8 +110,10 @@ def measure(inputs: MeasureInputs, params: LiverParams | None = None) -> dict:
     objects = region_objects(labels, {HCC: ("HCC", COLORS[HCC]), CCA: ("CCA", COLORS[CCA])},
                              params.min_region_um2)
     return score(areas["hcc"], areas["cca"], params) | {
-        "counts": {"hcc_regions": sum(o["kind"] == "hcc" for o in objects),
-                   "cca_regions": sum(o["kind"] == "cca" for o in objects)},
+        # every region counts; only those of at least min_region_um2 are listed as objects
+        "counts": {"hcc_regions": count_regions(labels, HCC),
+                   "cca_regions": count_regions(labels, CCA),
+                   "regions_listed": len(objects)},
         "areas_mm2": dict(areas),
         "objects": objects,
     }
