@@ -114,6 +114,12 @@ def test_mask_ome_tiff_reads_back_with_tifffile(mask_file):
 
 def test_mask_ome_tiff_opens_in_openslide_with_every_level(mask_file):
     path, a, _ = mask_file
+    palette = np.zeros((256, 3), np.uint8)
+    palette[0] = 255
+    for class_id, rgb in class_colors(LEGEND).items():
+        if class_id:
+            palette[class_id] = rgb
+    assert len({tuple(palette[k]) for k in LEGEND}) == len(LEGEND)   # distinct colours
     with tifffile.TiffFile(path) as tif:
         data = [lv.asarray() for lv in tif.series[0].levels]
     slide = openslide.OpenSlide(str(path))
@@ -126,8 +132,9 @@ def test_mask_ome_tiff_opens_in_openslide_with_every_level(mask_file):
             scale = 2**level
             rgba = np.asarray(slide.read_region((x * scale, y * scale), level, (w, h)))
             assert (rgba[..., 3] == 255).all()
-            for channel in range(3):  # grey values come back as r = g = b
-                np.testing.assert_array_equal(rgba[..., channel], data[level][y:y + h, x:x + w])
+            # openslide shows each class in its palette colour (background white)
+            np.testing.assert_array_equal(rgba[..., :3],
+                                          palette[data[level][y:y + h, x:x + w]])
     finally:
         slide.close()
 

@@ -21,7 +21,7 @@ import tempfile
 import uuid
 import warnings
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -31,13 +31,13 @@ import tifffile
 import zarr
 from PIL import Image, ImageDraw
 from skimage import measure
-from skimage.segmentation import find_boundaries
 
 from .errors import OutputNotWritable, UsageError
 
 LEGEND_NAMESPACE = "wsi_pipeline/legend"
-TISSUE_OUTLINE_RGB = (0, 200, 0)
-INK_OUTLINE_RGB = (0, 60, 255)
+# Outline colours unlike any marker ink (red, green, blue, black) and any Okabe-Ito class
+TISSUE_OUTLINE_RGB = (90, 90, 90)     # dark grey
+INK_OUTLINE_RGB = (190, 0, 190)       # magenta: ink left out of the tissue
 OBJECT_TYPES = ("annotation", "detection")
 # Okabe & Ito (2008) colour-blind-safe palette, reordered so that the first classes get the
 # most distinct hues; class 0 (background) is black and never painted in overlays.
@@ -99,8 +99,11 @@ def _class_color(class_id: int) -> tuple[int, int, int]:
 
 def write_mask_ome_tiff(path: Path, labels: zarr.Array, label_mpp: float, *,
                         out_mpp: float | None = None, legend: dict[int, str],
+                        colors: Mapping[int, tuple[int, int, int]] | None = None,
                         tile_px: int = 512) -> dict[str, Any]:
-    """Write a (H, W) uint8 class-index map as a pyramidal, tiled, deflate-compressed OME-TIFF.
+    """Write a (H, W) uint8 class-index map as a pyramidal, tiled, deflate-compressed OME-TIFF
+    with a colour palette: pixel values stay the class ids (for programs), and viewers that
+    honour TIFF palettes (openslide, QuPath/Bio-Formats) show each class in its colour.
 
     labels     (H, W) uint8 zarr array of class ids at ``label_mpp`` µm/px; unwritten
                chunks read as 0
@@ -109,6 +112,8 @@ def write_mask_ome_tiff(path: Path, labels: zarr.Array, label_mpp: float, *,
     legend     class id -> name, stored in the OME-XML as a MapAnnotation (namespace
                ``wsi_pipeline/legend``, keys the ids) linked to the image; `read_mask_legend`
                reads it back
+    colors     class id -> RGB of the palette (default `class_colors`); background (0)
+               is white, ids not in ``legend`` black
     tile_px    TIFF tile edge (a multiple of 16)
 
     Level k is level k-1 halved (rounding up) by the 2 x 2 majority class, ties going to
@@ -144,7 +149,8 @@ def write_mask_ome_tiff(path: Path, labels: zarr.Array, label_mpp: float, *,
     # the pyramid is stored 1 + 2/3 times uncompressed at most; stay clear of 4 GiB offsets
     bigtiff = shapes[0][0] * shapes[0][1] * 5 // 3 > 2**31
     common = {"dtype": np.uint8, "tile": (tile_px, tile_px), "compression": "zlib",
-              "photometric": "minisblack", "resolutionunit": "CENTIMETER", "metadata": None,
+              "photometric": "palette", "colormap": mask_palette(legend, colors),
+              "resolutionunit": "CENTIMETER", "metadata": None,
               "maxworkers": 2, "buffersize": 16 * tile_px * tile_px}
 
     def resolution(level: int) -> tuple[float, float]:
@@ -170,6 +176,18 @@ def write_mask_ome_tiff(path: Path, labels: zarr.Array, label_mpp: float, *,
                           shape=shapes[k], subfiletype=1, resolution=resolution(k), **common)
     return {"path": str(path), "shape": shapes[0], "levels": n_levels, "mpp": out_mpp,
             "bytes": path.stat().st_size}
+
+
+def mask_palette(legend: Mapping[int, str],
+                 colors: Mapping[int, tuple[int, int, int]] | None = None) -> np.ndarray:
+    """The (3, 256) uint16 TIFF colormap of a class map: each class of ``legend`` in its
+    colour (``colors``, else `class_colors`), the background (0) white, the rest black."""
+    palette = np.zeros((256, 3), np.uint16)
+    chosen = {**class_colors(dict(legend)), 0: (255, 255, 255), **(colors or {})}
+    for class_id, rgb in chosen.items():
+        if 0 <= int(class_id) < 256:
+            palette[int(class_id)] = rgb
+    return (palette * 257).T.copy()   # 8-bit -> the 16-bit range TIFF colormaps use
 
 
 def read_mask_legend(path: Path) -> dict[int, str]:
@@ -460,7 +478,10 @@ def write_overlay(path: Path, thumbnail: np.ndarray, thumb_mpp: float, *,
                   colors: dict[int, tuple[int, int, int]] | None = None, alpha: float = 0.4,
                   tissue_outline: np.ndarray | None = None,
                   ink_outline: np.ndarray | None = None,
-                  polygons_um: Sequence[tuple[np.ndarray, tuple[int, int, int]]] = ()) -> None:
+                  polygons_um: Sequence[tuple[np.ndarray, tuple[int, int, int]]] = (),
+                  title: str | None = None,
+                  legend: Sequence[tuple[str, tuple[int, int, int]]] = (),
+                  scale_bar: bool = False) -> None:
     """Write ``thumbnail`` ((h, w, 3) uint8 at ``thumb_mpp`` µm/px) as a PNG with, in order:
 
     - the (H, W) class map ``labels`` at ``label_mpp`` blended with ``colors`` (default
@@ -468,9 +489,12 @@ def write_overlay(path: Path, thumbnail: np.ndarray, thumb_mpp: float, *,
       stays transparent. Each thumbnail pixel
       takes the class at its centre (nearest neighbour), gathered chunk by chunk from the
       zarr array; chunks holding no thumbnail pixel centre are never read.
-    - the outline of ``tissue_outline`` ((h, w) bool) in green, 2 px wide, and of the
-      excluded marker ink ``ink_outline`` ((h, w) bool) in blue;
-    - each polygon ((N, 2) x, y in slide µm, with its RGB colour) as a 2-px outline.
+    - the outline of ``tissue_outline`` ((h, w) bool) in dark grey, and of the excluded
+      marker ink ``ink_outline`` in magenta: 2 px wide, along the mask's sub-pixel contour
+      (marching squares on the lightly smoothed mask: no staircase of thumbnail pixels);
+    - each polygon ((N, 2) x, y in slide µm, with its RGB colour) as a 2-px outline;
+    - with ``title``, ``legend`` ((name, RGB) swatches) or ``scale_bar``, a white band
+      below the image holding them (the image's pixels keep their coordinates).
 
     Both grids start at the slide's top-left corner.
     """
@@ -495,6 +519,8 @@ def write_overlay(path: Path, thumbnail: np.ndarray, thumb_mpp: float, *,
                               np.float32)
             where = grid == value
             out[where] = np.round(out[where] * (1.0 - alpha) + colour * alpha).astype(np.uint8)
+    image = Image.fromarray(out)
+    draw = ImageDraw.Draw(image)
     for name, outline, colour in (("ink_outline", ink_outline, INK_OUTLINE_RGB),
                                   ("tissue_outline", tissue_outline, TISSUE_OUTLINE_RGB)):
         if outline is None:
@@ -503,10 +529,9 @@ def write_overlay(path: Path, thumbnail: np.ndarray, thumb_mpp: float, *,
         if outline.shape != thumbnail.shape[:2]:
             raise UsageError(f"{path.name}: {name} shape {outline.shape} is not the "
                              f"thumbnail's {thumbnail.shape[:2]}")
-        out[find_boundaries(outline, mode="thick")] = colour
-    image = Image.fromarray(out)
+        for ring in mask_contours(outline):
+            draw.line([tuple(p) for p in ring.tolist()], fill=colour, width=2, joint="curve")
     if len(polygons_um):
-        draw = ImageDraw.Draw(image)
         for ring_um, colour in polygons_um:
             # grid pixel c spans [c, c+1), so a boundary at x lies between pixels x-1 and x;
             # PIL's 2-px line covers those two for vertical edges, y and y+1 for horizontal
@@ -516,8 +541,72 @@ def write_overlay(path: Path, thumbnail: np.ndarray, thumb_mpp: float, *,
             points = [tuple(p) for p in xy.tolist()]
             draw.line(points + points[:1], fill=tuple(int(v) for v in colour), width=2,
                       joint="curve")
+    if title or legend or scale_bar:
+        image = _with_key(image, thumb_mpp, title, legend, scale_bar)
     with _atomic_file(path) as fh:
         image.save(fh, format="PNG")
+
+
+def mask_contours(mask: np.ndarray) -> list[np.ndarray]:
+    """Closed outlines of a boolean mask as (N, 2) x, y rings in pixel units (pixel c spans
+    [c, c + 1)): marching squares at 0.5 on the mask smoothed by a 1-px Gaussian, so the
+    outline follows the shape rather than the staircase of its pixels."""
+    from scipy.ndimage import gaussian_filter
+
+    padded = np.pad(mask.astype(np.float32), 1)
+    rings = measure.find_contours(gaussian_filter(padded, 1.0), 0.5)
+    # (row, col) of the padded grid -> (x, y) in pixel-edge units of the mask
+    return [np.stack([r[:, 1] - 0.5, r[:, 0] - 0.5], 1) for r in rings if len(r) > 2]
+
+
+def _with_key(image: Image.Image, mpp: float, title: str | None,
+              legend: Sequence[tuple[str, tuple[int, int, int]]], scale_bar: bool
+              ) -> Image.Image:
+    """``image`` above a white band with the title, the legend swatches and a scale bar."""
+    from PIL import ImageFont
+
+    font = ImageFont.load_default(size=13)
+    width = max(image.width, 320)
+    rows: list[list[tuple[str, tuple[int, int, int] | None]]] = [[]]
+    x = 8
+    for name, colour in legend:   # swatches wrapped into rows
+        need = 22 + int(font.getlength(name)) + 14
+        if x + need > width and rows[-1]:
+            rows.append([])
+            x = 8
+        rows[-1].append((name, colour))
+        x += need
+    line = 20
+    height = 8 + line * (bool(title) + (len(rows) if legend else 0) + bool(scale_bar))
+    canvas = Image.new("RGB", (width, image.height + height), "white")
+    canvas.paste(image, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    y = image.height + 4
+    if title:
+        draw.text((8, y), title, fill="black", font=font)
+        y += line
+    for row in rows if legend else []:
+        x = 8
+        for name, colour in row:
+            draw.rectangle((x, y + 2, x + 14, y + 14), fill=colour, outline="black")
+            draw.text((x + 20, y), name, fill="black", font=font)
+            x += 22 + int(font.getlength(name)) + 14
+        y += line
+    if scale_bar:
+        um = nice_length_um(image.width * mpp / 5)
+        px = um / mpp
+        draw.rectangle((8, y + 6, 8 + px, y + 10), fill="black")
+        label = f"{um / 1000:g} mm" if um >= 1000 else f"{um:g} um"
+        draw.text((16 + px, y), label, fill="black", font=font)
+    return canvas
+
+
+def nice_length_um(at_most_um: float) -> float:
+    """The largest 1, 2 or 5 x 10^k microns not above ``at_most_um`` (a scale bar length)."""
+    if at_most_um <= 0:
+        return 0.0
+    power = 10 ** math.floor(math.log10(at_most_um))
+    return max(f * power for f in (1, 2, 5) if f * power <= at_most_um)
 
 
 def sample_labels(labels: zarr.Array, label_mpp: float, shape: tuple[int, int],

@@ -24,7 +24,7 @@ from ..version import __version__
 from .context import LoadedModel, Log, SlideContext
 from .options import MODEL_STAGES, STAGES, RunOptions
 from .report import build_report
-from .stages import EXPORT_FILES, STAGE_LIST
+from .stages import EXPORT_FILES, STAGE_LIST, outline_key
 
 OUTPUT_FILES = ("report.json", *EXPORT_FILES)
 _LEFTOVER = re.compile(r"\..+\.[0-9a-f]{32}\.tmp|\..+\.levels-[^/]+")
@@ -162,8 +162,12 @@ def clear_leftovers(out_dir: Path) -> None:
 def _write_outputs(store: SlideStore, out_dir: Path, report: dict[str, Any]) -> None:
     if not report.get("complete"):   # the export stage writes the finished outputs itself
         labels = store.read_array("tissue/mask")
+        stages = report["stages_completed"]
         write_overlay(out_dir / "overlay.png", store.read_array("tissue/thumbnail"),
                       float(store.root["tissue/thumbnail"].attrs["mpp"]),
-                      tissue_outline=labels == 1, ink_outline=labels == 2)
+                      tissue_outline=labels == 1, ink_outline=labels == 2,
+                      title=f"{report['slide']['id']}  |  {report['task']}  |  stopped after "
+                            f"{stages[-1] if stages else 'opening'}",
+                      legend=outline_key(labels), scale_bar=True)
     atomic_write_json(out_dir / "report.json", report)
 

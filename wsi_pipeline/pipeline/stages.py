@@ -16,7 +16,14 @@ from typing import Any
 import numpy as np
 
 from .. import stain as stain_mod
-from ..export import class_colors, write_geojson, write_mask_ome_tiff, write_overlay
+from ..export import (
+    INK_OUTLINE_RGB,
+    TISSUE_OUTLINE_RGB,
+    class_colors,
+    write_geojson,
+    write_mask_ome_tiff,
+    write_overlay,
+)
 from ..pyramid import PyramidSpec, super_tile_groups, write_pyramid
 from ..tasks import MeasureInputs
 from ..tissue import detect_tissue, thumbnail_mpp, tile_grid
@@ -248,12 +255,18 @@ def _run_export(ctx: SlideContext, results: Results, inputs: str) -> dict[str, A
                        for i, o in enumerate(objects)], slide_mpp=ctx.slide.mpp)
     colors = {k: c for k, c in class_colors(dict(task.legend)).items()
               if k in task.overlay_classes}
+    tissue = store.read_array("tissue/mask")
+    key = [(task.legend[k], c) for k, c in colors.items()]
+    key += sorted({(o["name"] + " (outline)", tuple(o["color"])) for o in objects})
+    label = results["measure"]["diagnosis"].get("label")
     write_overlay(out_dir / "overlay.png", store.read_array("tissue/thumbnail"),
                   float(store.root["tissue/thumbnail"].attrs["mpp"]), labels=classes,
-                  label_mpp=mpp, colors=colors,
-                  tissue_outline=store.read_array("tissue/mask") == 1,
+                  label_mpp=mpp, colors=colors, tissue_outline=tissue == 1,
+                  ink_outline=tissue == 2,
                   polygons_um=[(np.asarray(o["polygon_um"]), tuple(o["color"]))
-                               for o in objects])
+                               for o in objects],
+                  title=f"{ctx.slide_id}  |  {task.spec.title}  |  diagnosis: {label}",
+                  legend=[*key, *outline_key(tissue)], scale_bar=True)
     files = ["report.json", "mask.ome.tif", "objects.geojson", "overlay.png"]
     result = {"mask": {k: v for k, v in mask.items() if k != "path"}, "geojson_features": n}
     if CELLS in store.root:
@@ -268,6 +281,14 @@ def _run_export(ctx: SlideContext, results: Results, inputs: str) -> dict[str, A
             slide_mpp=ctx.slide.mpp)
         files.append("cells.geojson")
     return result | {"files": files}
+
+
+def outline_key(tissue_mask: np.ndarray) -> list[tuple[str, tuple[int, int, int]]]:
+    """Legend entries of the tissue outline, and of excluded ink when there is some."""
+    key = [("tissue outline", TISSUE_OUTLINE_RGB)]
+    if (tissue_mask == 2).any():
+        key.append(("ink left out", INK_OUTLINE_RGB))
+    return key
 
 
 def progress_bar(ctx: SlideContext, stage: str, total: int, unit: str = "block") -> Any:
