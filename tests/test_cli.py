@@ -395,6 +395,16 @@ def test_progress_in_logs_and_on_a_terminal(tmp_path, fls_slide):
     progress = [e for e in events if e["status"] == "progress" and e["stage"] == "infer"]
     assert progress and all(0 < e["done"] < e["total"] for e in progress)
     assert [e["done"] for e in progress] == sorted(e["done"] for e in progress)
+    # regions.geojson: the tissue and the task's region classes as QuPath annotations
+    regions = json.loads((tmp_path / "o" / path.stem / "regions.geojson").read_text())
+    names = {f["properties"]["classification"]["name"] for f in regions["features"]}
+    assert names == {"Tissue", "glandular tissue", "fat"}
+    assert {f["properties"]["objectType"] for f in regions["features"]} == {"annotation"}
+    report = json.loads((tmp_path / "o" / path.stem / "report.json").read_text())
+    tissue_px = sum(_polygon_area(f["geometry"]["coordinates"]) for f in regions["features"]
+                    if f["properties"]["classification"]["name"] == "Tissue")
+    tissue_mm2 = tissue_px * report["slide"]["mpp"] ** 2 / 1e6
+    assert tissue_mm2 == pytest.approx(report["areas_mm2"]["tissue_mask"], rel=0.05)
 
     main_fd, child_fd = pty.openpty()
     proc = subprocess.run([sys.executable, "-m", "wsi_pipeline.cli", str(path), "--task",
@@ -415,3 +425,11 @@ def test_progress_in_logs_and_on_a_terminal(tmp_path, fls_slide):
     assert proc.returncode == 0, screen
     assert f"{path.stem}: tissue " in screen and f"{path.stem}: stain " in screen
     assert "{" not in screen.split("\n")[0]   # no JSON on a terminal
+
+
+def _polygon_area(rings: list) -> float:
+    """Area of a GeoJSON polygon (outer ring minus holes), in its coordinate units."""
+    def shoelace(ring):
+        xy = np.asarray(ring, float)
+        return abs(np.dot(xy[:-1, 0], xy[1:, 1]) - np.dot(xy[1:, 0], xy[:-1, 1])) / 2
+    return shoelace(rings[0]) - sum(shoelace(r) for r in rings[1:])

@@ -282,11 +282,12 @@ def mode2x2(labels: np.ndarray) -> np.ndarray:
 
 
 def region_objects(labels, kinds: dict[int, tuple[str, tuple[int, int, int]]],
-                   min_area_um2: float) -> list[dict[str, Any]]:
+                   min_area_um2: float, *, holes: bool = False) -> list[dict[str, Any]]:
     """One report object per connected region of each label value in ``kinds`` ({value:
     (name, RGB colour)}) of a (H, W) zarr label map (attrs ``mpp``) of at least
-    ``min_area_um2``: name, kind (lower-case name), colour, outer outline and centroid (um),
-    area (um2 and mm2). Regions are found band by band (`labelmaps.connected_components`)."""
+    ``min_area_um2``: name, kind (lower-case name), colour, outer outline (with ``holes``,
+    also the rings of its holes, ``holes_um``) and centroid (um), area (um2 and mm2).
+    Regions are found band by band (`labelmaps.connected_components`)."""
     from .labelmaps import connected_components
 
     mpp = float(labels.attrs["mpp"])
@@ -303,6 +304,8 @@ def region_objects(labels, kinds: dict[int, tuple[str, tuple[int, int, int]]],
             objects.append({
                 "name": name, "kind": name.lower(), "color": color,
                 "polygon_um": np.round(outline["polygon_um"], 1).tolist(),
+                **({"holes_um": [np.round(h, 1).tolist() for h in outline["holes_um"]]}
+                   if holes else {}),
                 "centroid_um": [round(origin[0] + (xs.mean() + 0.5) * mpp, 1),
                                 round(origin[1] + (ys.mean() + 0.5) * mpp, 1)],
                 "measurements": {"area_um2": round(area_um2, 1),

@@ -20,6 +20,8 @@ from ..export import (
     INK_OUTLINE_RGB,
     TISSUE_OUTLINE_RGB,
     class_colors,
+    polygons_from_mask,
+    region_objects,
     write_geojson,
     write_mask_ome_tiff,
     write_overlay,
@@ -229,7 +231,9 @@ def _run_measure(ctx: SlideContext, results: Results, inputs: str) -> dict[str, 
 
 
 # -- export ----------------------------------------------------------------------------------
-EXPORT_FILES = ("overlay.png", "mask.ome.tif", "objects.geojson", "cells.geojson")
+EXPORT_FILES = ("overlay.png", "mask.ome.tif", "objects.geojson", "regions.geojson",
+                "cells.geojson")
+REGION_MIN_UM2 = 400.0   # smaller islands of a class are not exported as regions
 CELLS = "pred/cells"   # (N, 2) x, y um of detected cells, attrs name and color (optional)
 
 
@@ -267,8 +271,16 @@ def _run_export(ctx: SlideContext, results: Results, inputs: str) -> dict[str, A
                                for o in objects],
                   title=f"{ctx.slide_id}  |  {task.spec.title}  |  diagnosis: {label}",
                   legend=[*key, *outline_key(tissue)], scale_bar=True)
-    files = ["report.json", "mask.ome.tif", "objects.geojson", "overlay.png"]
-    result = {"mask": {k: v for k, v in mask.items() if k != "path"}, "geojson_features": n}
+    regions = write_geojson(out_dir / "regions.geojson",
+                            [{**r, "object_type": "annotation",
+                              "id": str(uuid.uuid5(uuid.NAMESPACE_URL,
+                                                   f"wsi_pipeline:{inputs}:region{i}"))}
+                             for i, r in enumerate(_regions(ctx, classes))],
+                            slide_mpp=ctx.slide.mpp)
+    files = ["report.json", "mask.ome.tif", "objects.geojson", "regions.geojson",
+             "overlay.png"]
+    result = {"mask": {k: v for k, v in mask.items() if k != "path"}, "geojson_features": n,
+              "region_features": regions}
     if CELLS in store.root:
         cells = store.root[CELLS]
         name, color = str(cells.attrs["name"]), tuple(cells.attrs["color"])
@@ -281,6 +293,27 @@ def _run_export(ctx: SlideContext, results: Results, inputs: str) -> dict[str, A
             slide_mpp=ctx.slide.mpp)
         files.append("cells.geojson")
     return result | {"files": files}
+
+
+def _regions(ctx: SlideContext, classes: Any) -> list[dict[str, Any]]:
+    """QuPath region annotations: the tissue (from the tissue stage's mask) and each
+    connected region of the task's region classes (with their holes), in the task's
+    colours."""
+    task, store = ctx.task, ctx.store
+    mask = store.read_array("tissue/mask") == 1
+    mpp = float(store.root["tissue/mask"].attrs["mpp"])
+    regions = [{"name": "Tissue", "color": TISSUE_OUTLINE_RGB,
+                "polygon_um": np.round(p["polygon_um"], 1).tolist(),
+                "holes_um": [np.round(h, 1).tolist() for h in p["holes_um"]],
+                "measurements": {"area_mm2": round(p["area_um2"] / 1e6, 5)}}
+               for p in polygons_from_mask(mask, mpp, simplify_um=mpp)
+               if p["area_um2"] >= REGION_MIN_UM2]
+    colours = {**class_colors(dict(task.legend)), **task.colors}
+    kinds = {k: (task.legend[k], colours[k]) for k in task.region_classes}
+    for r in region_objects(classes, kinds, REGION_MIN_UM2, holes=True):
+        regions.append({k: r[k] for k in ("name", "color", "polygon_um", "holes_um")}
+                       | {"measurements": {"area_mm2": r["measurements"]["area_mm2"]}})
+    return regions
 
 
 def outline_key(tissue_mask: np.ndarray) -> list[tuple[str, tuple[int, int, int]]]:

@@ -283,6 +283,7 @@ SYNTH = synth_slides("fls")
 PLUGIN = Task(
     spec=TASK, legend=LEGEND, stitch=stitch, measure=measure, params=FlsParams,
     measure_params=measure_params, overlay_classes=OVERLAY_CLASSES,
+    region_classes=(1, 2),
     modes={"classical": AltModel(
         description="weight-free: dense aggregates of lymphocytes found by a nucleus detector",
         params=_classical_params, infer=_classical)},

@@ -178,6 +178,8 @@ class Task:
                     are part of both stages' inputs)
     measure_params  everything else the measure stage depends on (recorded in the manifest)
     overlay_classes label-map classes drawn over the overlay thumbnail
+    region_classes  label-map classes exported as QuPath region annotations
+                    (regions.geojson, beside the tissue outline)
     colors          class id -> RGB of the overlay and QuPath objects (else Okabe-Ito by id)
     modes           alternative models by ``--model`` name (e.g. a weight-free detector)
     patient_rule    a diagnosis over a patient's slides, or None
@@ -202,6 +204,7 @@ class Task:
     params: type = NoParams
     measure_params: Callable[[], dict[str, Any]] = dict
     overlay_classes: tuple[int, ...] = ()
+    region_classes: tuple[int, ...] = ()
     colors: Mapping[int, RGB] = field(default_factory=dict)
     modes: Mapping[str, AltModel] = field(default_factory=dict)
     patient_rule: PatientRule | None = None
