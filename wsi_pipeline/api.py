@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .batch import expand_inputs, run_job, write_cases, write_summary
+from .batch_page import write_index
 from .errors import UsageError
 from .pipeline import STAGES, RunOptions
 from .stain import REFERENCES, StainFit, fit_vahadane, make_normaliser, tissue_pixels
@@ -183,6 +184,7 @@ def analyse(paths: str | Path | Sequence[str | Path], task: str, out: str | Path
         write_summary(folder, rows)
     if plugin.patient_rule is not None:
         write_cases(folder, plugin.patient_rule, plugin.name)
+    write_index(folder)
     reports = [_report(row, folder) for row in rows]
     if single and len(rows) == 1:
         if "_exception" in rows[0]:

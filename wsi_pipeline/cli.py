@@ -214,13 +214,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _save_summary(out: Path, rows: list[dict[str, Any]]) -> None:
-    """write_summary, or one line when the output disk cannot take it (the slides' own
-    folders are complete either way)."""
+    """write_summary and the batch page, or one line when the output disk cannot take
+    them (the slides' own folders are complete either way)."""
+    from .batch_page import write_index
+
     try:
         write_summary(out, rows)
+        write_index(out)
     except OSError as exc:
-        print(f"{PROG}: error: {out / 'summary.csv'}: cannot write ({exc.strerror or exc})",
-              file=sys.stderr)
+        print(f"{PROG}: error: {out}: cannot write summary.csv / index.html "
+              f"({exc.strerror or exc})", file=sys.stderr)
 
 
 def _save_cases(out: Path, task: Task, quiet: bool) -> None:

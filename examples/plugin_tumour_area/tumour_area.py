@@ -89,5 +89,5 @@ def synth(path, **kwargs) -> dict:
 
 TASK = Task(spec=SPEC, legend=LEGEND, stitch=stitch, measure=measure, params=TumourParams,
             measure_params=lambda: asdict(TumourParams()), overlay_classes=(TUMOUR,),
-            region_classes=(1, TUMOUR),
+            region_classes=(1, TUMOUR), main_score="tumour_fraction",
             colors={TUMOUR: COLOR}, synth=synth, synth_labels=("HCC", "CCA"))

@@ -282,6 +282,7 @@ def _classical(slide: Slide, store: SlideStore, stain: StainFit, *, workers: int
 SYNTH = synth_slides("fls")
 PLUGIN = Task(
     spec=TASK, legend=LEGEND, stitch=stitch, measure=measure, params=FlsParams,
+    main_score="focus_score",
     measure_params=measure_params, overlay_classes=OVERLAY_CLASSES,
     region_classes=(1, 2),
     modes={"classical": AltModel(

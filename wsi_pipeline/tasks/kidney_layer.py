@@ -127,6 +127,7 @@ def measure(inputs: MeasureInputs, params: LayerParams | None = None) -> dict:
 SYNTH = synth_slides("kidney-layer")
 PLUGIN = Task(
     spec=TASK, legend=LEGEND, stitch=stitch, measure=measure, params=LayerParams,
+    main_score="cortex_fraction",
     measure_params=measure_params, overlay_classes=OVERLAY_CLASSES,
     region_classes=(CORTEX, MEDULLA), colors=COLORS,
     demo=demo_slide(SYNTH, "kidney_layer_demo", mpp=0.5, label="adequate", seed=1,

@@ -135,6 +135,7 @@ def case_rule(reports: Sequence[dict], params: LiverParams | None = None) -> dic
 SYNTH = synth_slides("liver")
 PLUGIN = Task(
     spec=TASK, legend=LEGEND, stitch=stitch, measure=measure, params=LiverParams,
+    main_score="hcc_fraction",
     measure_params=measure_params, overlay_classes=OVERLAY_CLASSES,
     region_classes=(LIVER, HCC, CCA), colors=COLORS,
     patient_rule=PatientRule(columns=("hcc_fraction", "hcc_mm2", "cca_mm2"), rule=case_rule),

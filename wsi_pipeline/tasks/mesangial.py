@@ -158,6 +158,7 @@ def measure(inputs: MeasureInputs, params: MesangialParams | None = None) -> dic
 
 PLUGIN = Task(
     spec=TASK, legend=LEGEND, stitch=stitch, measure=measure, params=MesangialParams,
+    main_score="hypercellular_fraction",
     measure_params=measure_params, overlay_classes=OVERLAY_CLASSES, colors=COLORS,
     demo=demo_slide(synth_kidney, "mesangial_demo", mpp=0.5, label="M1", seed=1,
                     width=16000, height=8000),

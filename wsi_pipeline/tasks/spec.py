@@ -180,6 +180,7 @@ class Task:
     overlay_classes label-map classes drawn over the overlay thumbnail
     region_classes  label-map classes exported as QuPath region annotations
                     (regions.geojson, beside the tissue outline)
+    main_score      the key of ``scores`` that the batch page plots across slides
     colors          class id -> RGB of the overlay and QuPath objects (else Okabe-Ito by id)
     modes           alternative models by ``--model`` name (e.g. a weight-free detector)
     patient_rule    a diagnosis over a patient's slides, or None
@@ -205,6 +206,7 @@ class Task:
     measure_params: Callable[[], dict[str, Any]] = dict
     overlay_classes: tuple[int, ...] = ()
     region_classes: tuple[int, ...] = ()
+    main_score: str | None = None
     colors: Mapping[int, RGB] = field(default_factory=dict)
     modes: Mapping[str, AltModel] = field(default_factory=dict)
     patient_rule: PatientRule | None = None
