@@ -19,10 +19,13 @@ from PIL import Image
 
 from wsi_pipeline.errors import OutputNotWritable, UsageError
 from wsi_pipeline.export import (
+    INK_OUTLINE_RGB,
     OKABE_ITO,
     TISSUE_OUTLINE_RGB,
     class_colors,
+    mask_contours,
     mode2x2,
+    nice_length_um,
     polygons_from_mask,
     read_mask_legend,
     sample_labels,
@@ -335,6 +338,41 @@ def test_overlay_tints_labels_draws_outline_and_polygons(tmp_path):
         assert (edge == blue).all(axis=1).sum() == 2
     assert (png[5, 48] == 200).all() and (png[5, 52:68] == 200).all()  # outline only
     assert [p.name for p in tmp_path.iterdir() if p.name != "labels.zarr"] == ["overlay.png"]
+
+
+def test_overlay_key_title_legend_and_scale_bar(tmp_path):
+    thumb = np.full((120, 400, 3), 230, np.uint8)
+    tissue = np.zeros((120, 400), bool)
+    tissue[20:100, 30:200] = True
+    ink = np.zeros((120, 400), bool)
+    ink[40:60, 300:380] = True
+    out = tmp_path / "overlay.png"
+    write_overlay(out, thumb, 10.0, tissue_outline=tissue, ink_outline=ink,
+                  title="slide-1 | fls | positive",
+                  legend=[("focus", (230, 159, 0)), ("tissue outline", TISSUE_OUTLINE_RGB)],
+                  scale_bar=True)
+    png = np.asarray(Image.open(out).convert("RGB"))
+    assert png.shape[1] == 400 and png.shape[0] > 120 + 40   # a key band below the image
+    key = png[120:]
+    assert (np.abs(key.astype(int) - (230, 159, 0)).sum(-1) == 0).sum() >= 100  # a swatch
+    # the scale bar: 400 px x 10 um = 4 mm wide image -> 1/5 of it rounds down to 0.5 mm
+    assert nice_length_um(4000 / 5) == 500 and nice_length_um(7.3) == 5
+    dark = (key.sum(-1) == 0).sum(0)
+    assert (dark > 0).sum() >= 50 - 2   # 500 um = 50 px of black bar (plus text)
+    image = png[:120]
+    assert (image[20:100, 30:200] == TISSUE_OUTLINE_RGB).all(-1).sum() > 200
+    assert (image == INK_OUTLINE_RGB).all(-1).sum() > 100
+    assert (image[60, 60:170] == 230).all()    # outlines only, the inside untouched
+
+
+def test_mask_contours_follow_the_shape_not_the_pixels():
+    yy, xx = np.mgrid[:80, :80]
+    disk = (yy - 40) ** 2 + (xx - 40) ** 2 <= 30 ** 2
+    (ring,) = mask_contours(disk)
+    radius = np.hypot(ring[:, 0] - 40.5, ring[:, 1] - 40.5)   # pixel-edge coordinates
+    assert np.abs(radius - 30.5).max() < 1.0   # on the circle, not a pixel staircase
+    steps = np.diff(ring, axis=0)
+    assert np.abs(steps).max() <= 1.0 and not np.all(np.isin(steps, (-1.0, 0.0, 1.0)))
 
 
 def test_sample_labels_reads_only_chunks_holding_sample_centres(tmp_path):
