@@ -182,6 +182,44 @@ def test_pen_mark_present_only_when_asked(fls_pos, fls_neg):
     assert not (_labels(fls_neg[0])["labels"][:] == 7).any()
 
 
+@pytest.mark.parametrize("task,seed,drawn", [("fls", 11, "green"), ("fls", 3, "blue"),
+                                             ("mesangial", 1, "black"), ("liver", 4, "blue")])
+def test_pen_colour_forced_keeps_the_seeded_stroke(task, seed, drawn):
+    """A plain pen draws its ink from the seed as before --pen COLOUR existed (``drawn``:
+    the inks of these seeds then); forcing a colour changes the ink only."""
+    from wsi_pipeline.synth.generate import get_spec
+    from wsi_pipeline.synth.scene import pen_ink
+
+    spec = get_spec(task)
+    plain = spec.build(task, seed, 2560, 2048, 0.5, None, True, False)
+    assert plain.pen.ink == drawn
+    for colour in ("red", "green", "blue", "black"):
+        with pen_ink(colour):
+            forced = spec.build(task, seed, 2560, 2048, 0.5, None, True, False)
+        assert forced.pen.ink == colour
+        np.testing.assert_array_equal(forced.pen.pts, plain.pen.pts)
+        assert forced.pen.width_um == plain.pen.width_um and forced.label == plain.label
+    assert spec.build(task, seed, 2560, 2048, 0.5, None, True, False).pen.ink == drawn
+    with pytest.raises(ValueError, match="pen colour"):
+        with pen_ink("purple"):
+            pass
+
+
+def test_cli_pen_colour(tmp_path, capsys):
+    out = tmp_path / "red.svs"
+    assert synth_main(["--task", "fls", "--out", str(out), "--width", "2560", "--height",
+                       "2048", "--seed", "11", "--pen", "red", "--quiet"]) == 0
+    pen = _labels(out)["labels"][:] == 7
+    assert pen.sum() > 1000
+    s = openslide.OpenSlide(str(out))
+    rgb = np.asarray(s.read_region((0, 0), 0, s.dimensions).convert("RGB")).astype(float)
+    r, g, b = rgb[pen].mean(axis=0)
+    assert r > g + 60 and r > b + 40           # red marker: passes red, absorbs green, blue
+    code = synth_main(["--task", "fls", "--out", str(tmp_path / "p.svs"), "--pen", "purple"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("wsi-synth: error: --pen 'purple'") and "\n" not in err
+
+
 def test_reproducible_for_a_seed(tmp_path):
     kw = dict(width=1024, height=1024, seed=5, label="positive")
     t1 = write_slide("fls", tmp_path / "a.svs", **kw)

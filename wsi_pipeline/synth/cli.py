@@ -1,6 +1,7 @@
 """`wsi-synth`: write a synthetic slide with its ground truth.
 
     wsi-synth --task fls --out out/fls_001.svs --seed 1 --positive --pen
+    wsi-synth --task fls --out out/fls_red.svs --seed 1 --pen red
     wsi-synth --task kidney-layer --species mouse --out out/mouse_001.svs --mpp 2
     wsi-synth --task liver --label HCC --out out/liver_001.svs
     wsi-synth --task liver --cohort 40 --annotated 8 --out out/liver_cohort --seed 3
@@ -62,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--annotated", type=int, metavar="K",
                    help="liver --cohort: patients that keep their label masks "
                    "(default N // 4)")
-    p.add_argument("--pen", action="store_true", help="add a marker-pen stroke")
+    p.add_argument("--pen", nargs="?", const=True, default=False, metavar="COLOUR",
+                   help="add a marker-pen stroke; COLOUR red, green, blue or black "
+                   "(default: drawn from the seed among blue, green and black)")
     p.add_argument("--fold", action="store_true", help="add a tissue fold")
     p.add_argument("--workers", type=int, metavar="N",
                    help="rendering processes (default: up to 2)")
@@ -80,9 +83,22 @@ def _label(args) -> str | None:
     return pos if args.positive else neg
 
 
+def _pen_colour(args) -> str | None:
+    """The ink of ``--pen COLOUR``; None for a plain ``--pen`` (drawn from the seed)."""
+    from .scene import PEN_INKS
+
+    if not isinstance(args.pen, str):
+        return None
+    colour = args.pen.lower()
+    if colour not in PEN_INKS:
+        raise UsageError(f"--pen {args.pen!r}: choose a colour among {', '.join(PEN_INKS)}")
+    return colour
+
+
 def run(argv: list[str] | None = None) -> dict:
     """Parse arguments and write the slide; returns the truth dict."""
     from .generate import get_spec, write_slide
+    from .scene import pen_ink
 
     args = build_parser().parse_args(argv)
     plugin = _plugin(args.task)
@@ -104,10 +120,11 @@ def run(argv: list[str] | None = None) -> dict:
         return _cohort(args, progress)
     if args.task == "glomerular-dx":
         return _case(args)
-    truth = write_slide(args.task, args.out, width=args.width, height=args.height,
-                        mpp=args.mpp, seed=args.seed, label=_label(args), pen=args.pen,
-                        fold=args.fold, workers=args.workers, progress=progress,
-                        species=args.species)
+    with pen_ink(_pen_colour(args)):
+        truth = write_slide(args.task, args.out, width=args.width, height=args.height,
+                            mpp=args.mpp, seed=args.seed, label=_label(args),
+                            pen=bool(args.pen), fold=args.fold, workers=args.workers,
+                            progress=progress, species=args.species)
     if not args.quiet:
         gen = truth["generator"]
         key = next(iter(truth["scores"]), None)
