@@ -41,6 +41,12 @@ class NoTissue(WsiError):
     """Tissue detection found nothing to analyse (blank glass, or thresholds too strict)."""
 
 
+class NotBrightfield(WsiError):
+    """The slide is not a bright-field scan (fluorescence, dark-field, multiplex
+    fluorescence): its background is dark, and the tasks analyse stained bright-field
+    slides."""
+
+
 class StainFitError(WsiError):
     """Too few usable stained pixels to estimate a stain matrix."""
 

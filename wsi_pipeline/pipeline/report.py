@@ -30,14 +30,19 @@ def build_report(slide: Slide, task: Task, slide_id: str, opts: RunOptions,
     """
     tissue = results.get("tissue", {})
     stain = results.get("stain")
+    brightfield = tissue.get("brightfield")
     w, h = slide.dimensions
+    if brightfield is False:
+        note = "not a bright-field slide (fluorescence or dark-field): not analysed"
+    elif tissue.get("n_tiles") == 0:
+        note = "no tissue found"
+    else:
+        note = f"no model stage run (--until {opts.until})"
     report = {
         "task": task.name,
         "complete": False,
         "stages_completed": list(results),
-        "diagnosis": {"label": None, "adequate": None,
-                      "note": "no tissue found" if tissue.get("n_tiles") == 0
-                      else f"no model stage run (--until {opts.until})"},
+        "diagnosis": {"label": None, "adequate": None, "note": note},
         "scores": {},
         "counts": {"tissue_tiles": tissue.get("n_tiles")},
         "areas_mm2": {"tissue": tissue.get("tissue_area_mm2")},
@@ -48,8 +53,12 @@ def build_report(slide: Slide, task: Task, slide_id: str, opts: RunOptions,
                   "levels": [{"width": lv.width, "height": lv.height,
                               "downsample": round(lv.downsample, 4)} for lv in slide.levels],
                   "fingerprint": fingerprint},
-        "quality": {"no_tissue": tissue.get("n_tiles") == 0,
+        "quality": {"brightfield": brightfield,
+                    "brightfield_evidence": tissue.get("brightfield_evidence"),
+                    # None: not looked for (not a bright-field slide)
+                    "no_tissue": None if brightfield is False else tissue.get("n_tiles") == 0,
                     "pen_fraction": tissue.get("pen_fraction"),
+                    "stain_identity": _stain_identity(stain),
                     "stain_similarity_to_reference":
                         stain.get("similarity_to_reference") if stain else None,
                     "stain_warning": stain.get("warning") if stain else None},
@@ -91,6 +100,15 @@ def build_report(slide: Slide, task: Task, slide_id: str, opts: RunOptions,
     report["inference"] = results.get("infer")
     report["outputs"] = (results.get("export") or {}).get("files")
     return report
+
+
+def _stain_identity(stain: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``quality.stain_identity``: {label, confidence, expected} and the shares it rests on."""
+    identity = (stain or {}).get("identity")
+    if identity is None:
+        return None
+    keys = ("label", "confidence", "expected", "eosin_share", "dab_share")
+    return {k: identity.get(k) for k in keys}
 
 
 def _model_provenance(meta: dict[str, Any]) -> dict[str, Any]:

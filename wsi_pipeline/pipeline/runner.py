@@ -15,9 +15,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import NoTissue, TaskConflict, UsageError
+from ..errors import NotBrightfield, NoTissue, TaskConflict, UsageError
 from ..export import write_overlay
 from ..slide import Slide, open_slide
+from ..stain import STAIN_NAMES
 from ..store import SlideStore, atomic_write_json, checksum, file_fingerprint
 from ..tasks import Task
 from ..version import __version__
@@ -114,6 +115,15 @@ def _run_stages(slide: Slide, path: str | Path, task: Task, slide_id: str,
              "first_run_seconds": entry["seconds"]} if reused else
             {"slide": slide_id, "stage": stage.name, "status": "done",
              "seconds": entry["seconds"]})
+        if stage.name == "tissue" and results["tissue"].get("brightfield") is False:
+            _write_outputs(store, out_dir, build_report(slide, task, slide_id, opts, results,
+                                                        timings, fingerprint))
+            evidence = results["tissue"]["brightfield_evidence"]
+            raise NotBrightfield(f"{slide.path}: fluorescence or dark-field slide: task "
+                                 f"{task.name} needs a brightfield "
+                                 f"{STAIN_NAMES[task.spec.stain]} slide (median L* "
+                                 f"{evidence['median_lstar']:g} of 100: the background is "
+                                 "dark, not bright glass)")
         if stage.name == "tissue" and results["tissue"]["n_tiles"] == 0:
             _write_outputs(store, out_dir, build_report(slide, task, slide_id, opts, results,
                                                         timings, fingerprint))

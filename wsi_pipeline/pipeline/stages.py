@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import quality
 from .. import stain as stain_mod
 from ..export import (
     INK_OUTLINE_RGB,
@@ -27,6 +28,7 @@ from ..export import (
     write_overlay,
 )
 from ..pyramid import PyramidSpec, super_tile_groups, write_pyramid
+from ..quality import MIN_BRIGHTFIELD_MEDIAN_LSTAR, is_brightfield
 from ..tasks import MeasureInputs
 from ..tissue import detect_tissue, thumbnail_mpp, tile_grid
 from .context import SlideContext
@@ -51,22 +53,36 @@ def _tissue_params(ctx: SlideContext) -> dict[str, Any]:
     spec, slide = ctx.task.spec, ctx.slide
     return {"thumbnail_mpp": thumbnail_mpp(slide.size_um, slide.mpp),
             "tile_um": spec.tile_um, "min_tile_tissue": ctx.opts.min_tile_tissue,
+            "brightfield_min_lstar": MIN_BRIGHTFIELD_MEDIAN_LSTAR,
             **asdict(ctx.opts.tissue)}
 
 
 def _run_tissue(ctx: SlideContext, results: Results, inputs: str) -> dict[str, Any]:
+    """Tissue mask and tile grid; first of all, whether the slide is bright field at all (a
+    fluorescence or dark-field slide gets no tissue search, no tiles, and the runner
+    refuses it with `NotBrightfield`)."""
     slide, store, spec, opts = ctx.slide, ctx.store, ctx.task.spec, ctx.opts
     mpp = thumbnail_mpp(slide.size_um, slide.mpp)
     thumb = slide.thumbnail(mpp)
+    store.write_array("tissue/thumbnail", thumb, {"mpp": mpp})
+    brightfield, evidence = is_brightfield(thumb)
+    legend = {"0": "background", "1": "tissue", "2": "ink"}
+    tile_attrs = {"mpp": spec.mpp, "tile_px": spec.tile_px, "tile_um": spec.tile_um,
+                  "columns": ["row", "col"]}
+    if not brightfield:
+        store.write_array("tissue/mask", np.zeros(thumb.shape[:2], np.uint8),
+                          {"mpp": mpp, "legend": legend})
+        store.write_array("tiles", np.zeros((0, 2), np.int32), tile_attrs)
+        return {"thumbnail_mpp": mpp, "brightfield": False, "brightfield_evidence": evidence,
+                "tissue_area_mm2": None, "n_tiles": 0, "pen_fraction": None,
+                "saturation_threshold": None, "od_threshold": None}
     found = detect_tissue(thumb, mpp, opts.tissue)
     tiles = tile_grid(found.mask, mpp, slide.size_um, spec.tile_um, opts.min_tile_tissue)
-    store.write_array("tissue/thumbnail", thumb, {"mpp": mpp})
     labels = np.where(found.mask, 1, np.where(found.pen, 2, 0)).astype(np.uint8)
-    store.write_array("tissue/mask", labels,
-                      {"mpp": mpp, "legend": {"0": "background", "1": "tissue", "2": "ink"}})
-    store.write_array("tiles", tiles, {"mpp": spec.mpp, "tile_px": spec.tile_px,
-                                       "tile_um": spec.tile_um, "columns": ["row", "col"]})
-    return {"thumbnail_mpp": mpp, "tissue_area_mm2": round(found.area_mm2, 4),
+    store.write_array("tissue/mask", labels, {"mpp": mpp, "legend": legend})
+    store.write_array("tiles", tiles, tile_attrs)
+    return {"thumbnail_mpp": mpp, "brightfield": True, "brightfield_evidence": evidence,
+            "tissue_area_mm2": round(found.area_mm2, 4),
             "n_tiles": int(len(tiles)), "pen_fraction": round(found.info["pen_fraction"], 4),
             "saturation_threshold": round(found.saturation_threshold, 4),
             "od_threshold": round(found.od_threshold, 4)}
@@ -77,36 +93,78 @@ def _stain_params(ctx: SlideContext) -> dict[str, Any]:
     spec, opts = ctx.task.spec, ctx.opts
     return {"reference": spec.stain, "sample_tiles": opts.stain_sample_tiles, "seed": opts.seed,
             "mpp": spec.mpp, "tile_px": spec.tile_px,
-            "reference_fit": stain_mod.REFERENCES[spec.stain].to_dict()}
+            "reference_fit": stain_mod.REFERENCES[spec.stain].to_dict(),
+            # what leaves a pixel out of the fit, and the stain-identity rule
+            "non_stain": {"max_red_green_od": stain_mod.MAX_RED_GREEN_OD,
+                          "min_brightest_rgb": stain_mod.MIN_BRIGHTEST_RGB,
+                          "ink_mask": True},
+            "identity": {"eosin_share": quality.EOSIN_SHARE_THRESHOLD,
+                         "band": quality.EOSIN_SHARE_BAND, "dab_share": quality.DAB_SHARE_THRESHOLD,
+                         "min_chromogen_cosine": quality.MIN_CHROMOGEN_COSINE,
+                         "dab_od": quality.DAB_OD.round(6).tolist()}}
+
+
+def _ink_in_tile(labels: np.ndarray, mask_mpp: float, row: int, col: int, tile_um: float,
+                 tile_px: int, mpp: float) -> np.ndarray:
+    """(tile_px, tile_px) bool: the pixels of tile (row, col) that the tissue stage's mask
+    (``labels`` at ``mask_mpp``) marks as ink (label 2), by nearest neighbour."""
+    centres_um = (np.arange(tile_px) + 0.5) * mpp
+    ys = np.clip(((row * tile_um + centres_um) / mask_mpp).astype(np.int64), 0,
+                 labels.shape[0] - 1)
+    xs = np.clip(((col * tile_um + centres_um) / mask_mpp).astype(np.int64), 0,
+                 labels.shape[1] - 1)
+    return labels[np.ix_(ys, xs)] == 2
 
 
 def _run_stain(ctx: SlideContext, results: Results, inputs: str) -> dict[str, Any]:
+    """The slide's stain fit on sampled tissue tiles, and which stain the slide carries.
+
+    Pixels that no stain makes are left out of the fit: glass (L*/100 >= 0.8), pixels
+    under the tissue stage's ink mask (any pen colour), and ink, marking dye or black
+    debris by colour (`stain.non_stain`)."""
     slide, store, spec, opts = ctx.slide, ctx.store, ctx.task.spec, ctx.opts
     tiles = store.read_array("tiles")
+    labels = store.read_array("tissue/mask")
+    mask_mpp = float(store.root["tissue/mask"].attrs["mpp"])
     rng = np.random.default_rng(opts.seed)
     pick = rng.choice(len(tiles), size=min(len(tiles), opts.stain_sample_tiles), replace=False)
-    pixels = [stain_mod.tissue_pixels(slide.read(c * spec.tile_um, r * spec.tile_um,
-                                                 spec.tile_px, spec.tile_px, spec.mpp))
-              for r, c in tiles[np.sort(pick)]]
-    fit = stain_mod.fit_vahadane(np.concatenate(pixels), seed=opts.seed)
+    pixels, n_ink, n_non_stain = [], 0, 0
+    for r, c in tiles[np.sort(pick)]:
+        tile = slide.read(c * spec.tile_um, r * spec.tile_um, spec.tile_px, spec.tile_px,
+                          spec.mpp)
+        ink = _ink_in_tile(labels, mask_mpp, int(r), int(c), spec.tile_um, spec.tile_px,
+                           spec.mpp)
+        tissue = stain_mod.tissue_pixels(tile[~ink])
+        keep = ~stain_mod.non_stain(tissue)
+        pixels.append(tissue[keep])
+        n_ink += int(ink.sum())
+        n_non_stain += int(len(keep) - keep.sum())
+    sample = np.concatenate(pixels) if pixels else np.zeros((0, 3), np.uint8)
+    # the sample is already glass- and ink-free: the fit need not sift it again
+    fit = stain_mod.fit_vahadane(sample, seed=opts.seed, exclude_non_stain=False)
+    identity = quality.stain_identity(sample, fit, spec.stain, seed=opts.seed)
     reference = stain_mod.REFERENCES[spec.stain]
     similarity = {name: round(float(stain_mod.stain_similarity(fit, ref)), 4)
                   for name, ref in stain_mod.REFERENCES.items()}
-    closest = max(similarity, key=similarity.__getitem__)
     result = {"fit": fit.to_dict(), "reference_name": spec.stain,
               "reference": reference.to_dict(),
               "similarity_to_reference": similarity[spec.stain],
-              "similarity_to_references": similarity, "closest_reference": closest,
-              "sampled_tiles": int(len(pick)), "sampled_pixels": int(sum(len(p) for p in pixels))}
-    # Stain vectors tell H&E from PAS only weakly (see stain.stain_similarity): this warns
-    # when the fit is closer to another reference, and stays silent on a close call.
-    if closest != spec.stain:
-        names = stain_mod.STAIN_NAMES
-        result["warning"] = (f"the slide's stain estimate matches {names[closest]} "
-                             f"better than the {names[spec.stain]} this task expects "
-                             f"(similarity {similarity[closest]:.3f} vs "
-                             f"{similarity[spec.stain]:.3f}): check the stain; results may "
-                             "be unreliable")
+              "similarity_to_references": similarity,
+              "closest_reference": max(similarity, key=similarity.__getitem__),
+              "identity": identity,
+              "sampled_tiles": int(len(pick)), "sampled_pixels": int(len(sample)),
+              "excluded_pixels": {"ink_mask": n_ink, "non_stain": n_non_stain}}
+    # The identity reads the colour of the slide's own chromogen (quality.stain_identity);
+    # stain vectors alone tell H&E from PAS only weakly (stain.stain_similarity).
+    expected, label = stain_mod.STAIN_NAMES[spec.stain], identity["label"]
+    if label not in ("unknown", expected):
+        looks, share = (("DAB-immunostained (IHC)", f"DAB share {identity['dab_share']:.2f}")
+                        if label == "IHC" else
+                        (f"{label}-stained", f"eosin share {identity['eosin_share']:.2f}"))
+        result["warning"] = (f"the slide looks {looks}, not {expected} as task "
+                             f"{ctx.task.name} expects (confidence "
+                             f"{identity['confidence']:.2f}, {share}): check the stain; "
+                             "results may be unreliable")
     return result
 
 

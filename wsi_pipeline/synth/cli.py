@@ -98,7 +98,6 @@ def _pen_colour(args) -> str | None:
 def run(argv: list[str] | None = None) -> dict:
     """Parse arguments and write the slide; returns the truth dict."""
     from .generate import get_spec, write_slide
-    from .scene import pen_ink
 
     args = build_parser().parse_args(argv)
     plugin = _plugin(args.task)
@@ -120,11 +119,10 @@ def run(argv: list[str] | None = None) -> dict:
         return _cohort(args, progress)
     if args.task == "glomerular-dx":
         return _case(args)
-    with pen_ink(_pen_colour(args)):
-        truth = write_slide(args.task, args.out, width=args.width, height=args.height,
-                            mpp=args.mpp, seed=args.seed, label=_label(args),
-                            pen=bool(args.pen), fold=args.fold, workers=args.workers,
-                            progress=progress, species=args.species)
+    truth = write_slide(args.task, args.out, width=args.width, height=args.height,
+                        mpp=args.mpp, seed=args.seed, label=_label(args),
+                        pen=_pen_colour(args) or bool(args.pen), fold=args.fold,
+                        workers=args.workers, progress=progress, species=args.species)
     if not args.quiet:
         gen = truth["generator"]
         key = next(iter(truth["scores"]), None)

@@ -33,7 +33,7 @@ def get_spec(task: str) -> SynthSpec:
 
 def write_slide(task: str, path: str | os.PathLike, *, width: int | None = None,
                 height: int | None = None, mpp: float | None = None, seed: int = 0,
-                label: str | None = None, pen: bool = False, fold: bool = False,
+                label: str | None = None, pen: bool | str = False, fold: bool = False,
                 workers: int | None = None, progress: Callable | None = None,
                 tile: int = TILE_PX, quality: int = JPEG_QUALITY,
                 species: str | None = None) -> dict:

@@ -222,14 +222,16 @@ def resolve_mpp(spec: SynthSpec, mpp: float | None) -> float:
 
 def write_spec_slide(spec: SynthSpec, path: str | os.PathLike, *, width: int | None = None,
                      height: int | None = None, mpp: float | None = None, seed: int = 0,
-                     label: str | None = None, pen: bool = False, fold: bool = False,
-                     workers: int | None = None, progress: Callable | None = None,
-                     tile: int = TILE_PX, quality: int = JPEG_QUALITY,
-                     build_kw: dict | None = None) -> dict:
+                     label: str | None = None, pen: bool | str = False,
+                     fold: bool = False, workers: int | None = None,
+                     progress: Callable | None = None, tile: int = TILE_PX,
+                     quality: int = JPEG_QUALITY, build_kw: dict | None = None) -> dict:
     """Write a synthetic slide of `spec`'s task; return the truth dict.
 
     `generate.write_slide` with the task given as its SynthSpec (see there for the
-    arguments); build_kw: extra keyword arguments of `spec.build` (e.g. species).
+    arguments); ``pen`` True draws a stroke in an ink drawn from the seed, a colour name
+    (a key of `scene.PEN_INKS`) one in that ink; build_kw: extra keyword arguments of
+    `spec.build` (e.g. species).
     """
     task = spec.name
     mpp = resolve_mpp(spec, mpp)
@@ -256,8 +258,11 @@ def write_spec_slide(spec: SynthSpec, path: str | os.PathLike, *, width: int | N
 
 def _write(spec, task, path, json_path, zarr_path, width, height, mpp, seed, label, pen, fold,
            workers, progress, tile, quality, build_kw) -> dict:
-    scene = spec.build(task, int(seed), width, height, mpp, label, bool(pen), bool(fold),
-                       **build_kw)
+    from .scene import pen_ink
+
+    with pen_ink(pen if isinstance(pen, str) else None):   # the ink is chosen at build time
+        scene = spec.build(task, int(seed), width, height, mpp, label, bool(pen), bool(fold),
+                           **build_kw)
     n_tiles = -(-width // tile) * -(-height // tile)
     if workers is None:
         workers = min(2, os.cpu_count() or 1) if n_tiles > 64 else 0
@@ -314,7 +319,8 @@ def _write(spec, task, path, json_path, zarr_path, width, height, mpp, seed, lab
             "stain_names": list(scene.stains.names),
             "stain_intensity": [round(float(v), 4) for v in scene.stains.intensity],
             "glass_od": [round(float(v), 4) for v in scene.stains.glass_od],
-            "options": {"label": scene.label, "pen": bool(pen), "fold": bool(fold),
+            "options": {"label": scene.label, "pen": pen if isinstance(pen, str) else bool(pen),
+                        "fold": bool(fold),
                         **scene.options},
             "tile": tile, "jpeg_quality": quality,
             "levels": [list(s) for s in info["levels"]],
