@@ -433,3 +433,39 @@ def _polygon_area(rings: list) -> float:
         xy = np.asarray(ring, float)
         return abs(np.dot(xy[:-1, 0], xy[1:, 1]) - np.dot(xy[1:, 0], xy[:-1, 1])) / 2
     return shoelace(rings[0]) - sum(shoelace(r) for r in rings[1:])
+
+
+def test_help_texts_say_what_a_newcomer_needs(capsys):
+    from wsi_pipeline.synth.cli import build_parser as synth_parser
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "``" not in out and "REQUIRED" in out
+    for needle in ("installed tasks:", "  fls ", "examples:", "exit codes:",
+                   "--task fls --model classical"):
+        assert needle in out, needle
+    synth_help = synth_parser().format_help()
+    assert "later" not in synth_help and "liver only" not in synth_help
+    assert "glomerular-dx: N cases" in synth_help.replace("\n", " ").replace("  ", " ")
+
+
+def test_reused_stages_log_no_time_spent_and_the_table_marks_inadequate(tmp_path, fls_slide):
+    from wsi_pipeline.batch import summary_text
+    from wsi_pipeline.pipeline import RunOptions, run_slide
+    from wsi_pipeline.tasks import get_plugin
+
+    path, _ = fls_slide
+    opts = RunOptions(out=tmp_path, until="stain", workers=1)
+    first, second = [], []
+    run_slide(path, get_plugin("fls"), "s", opts, log=first.append)
+    run_slide(path, get_plugin("fls"), "s", opts, log=second.append)
+    done = {e["stage"]: e["seconds"] for e in first if e["status"] == "done"}
+    reused = [e for e in second if e["status"] == "reused"]
+    assert [e["stage"] for e in reused] == ["tissue", "stain"]
+    assert all(e["seconds"] == 0.0 and e["first_run_seconds"] == done[e["stage"]]
+               for e in reused)
+    row = {"slide_id": "b1", "status": "ok", "diagnosis": "negative", "adequate": False,
+           "scores": "focus_score=0.4", "counts": "", "error": ""}
+    assert "negative; INADEQUATE; focus_score=0.4" in summary_text([row])
+    assert "INADEQUATE" not in summary_text([{**row, "adequate": True}])

@@ -205,3 +205,18 @@ def test_connected_components_across_bands_match_whole_array_labelling(tmp_path)
     assert np.array_equal(rebuilt > 0, mask)
     sizes = sorted(int(m.sum()) for _, m in comps)
     assert sizes == sorted(np.bincount(labels.ravel())[1:].tolist())
+
+
+def test_count_regions_counts_every_region_across_bands(tmp_path):
+    from wsi_pipeline.labelmaps import count_regions
+
+    a = np.zeros((300, 200), np.uint8)
+    a[10:20, 10:20] = 2            # a region
+    a[90:130, 50:60] = 2           # one region across the band border at 100 (chunks 100)
+    a[200, 150] = 2                # a single pixel is a region too
+    a[250:260, 10:190] = 1         # another class
+    labels = zarr.create_array(store=str(tmp_path / "l.zarr"), shape=a.shape, dtype="uint8",
+                               chunks=(100, 100))
+    labels[...] = a
+    assert count_regions(labels, 2) == 3 and count_regions(labels, 1) == 1
+    assert count_regions(labels, 5) == 0
