@@ -116,9 +116,10 @@ def reference_transform(rgb: np.ndarray, source: stain.StainFit, target: stain.S
     )
     c *= target.max_conc.astype(np.float64) / source.max_conc.astype(np.float64)
     out = 255.0 * np.exp(-c @ target.matrix.astype(np.float64))
-    # glass stays glass: as scanned at L*/100 >= 0.8, fully normalised at <= 0.7
+    # glass stays glass: as scanned at L*/100 >= GLASS_LUMINOSITY, fully normalised at or
+    # below GLASS_LUMINOSITY - BLEND_LUMINOSITY
     lum = stain.luminosity(rgb.reshape(-1, 3))
-    weight = np.clip((0.8 - lum) / 0.1, 0.0, 1.0)[:, None]
+    weight = np.clip((stain.GLASS_LUMINOSITY - lum) / stain.BLEND_LUMINOSITY, 0.0, 1.0)[:, None]
     out = weight * out + (1.0 - weight) * rgb.reshape(-1, 3)
     return np.clip(np.rint(out), 0, 255).astype(np.uint8).reshape(rgb.shape)
 

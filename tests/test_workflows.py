@@ -184,7 +184,7 @@ def test_slurm_array_task_runs_its_own_line_only(slides, tmp_path):
     assert "job 77 task 1" in proc.stdout and "pos: done" in proc.stdout
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
-        "pos", "summary.csv"]
+        "index.html", "pos", "summary.csv"]
     report = _report(out, "pos")
     assert report["stages_completed"] == ["tissue"] and report["complete"] is False
     assert Path(report["slide"]["path"]) == slides["pos"][0]

@@ -298,8 +298,9 @@ def write_summary(out: Path, rows: list[dict[str, Any]]) -> None:
                           if r.get("slide_id")}
         for row in rows:
             key = (row["slide_id"], row.get("task") or "")
-            if row["status"] in GAP_ONLY and key in merged:
-                continue
+            if row["status"] in GAP_ONLY and any(
+                    k[0] == key[0] and (k[1] == key[1] or not key[1]) for k in merged):
+                continue   # (a row without a task stands for any task of that slide)
             if row["status"].startswith("ok"):
                 for other in [k for k in merged if k[0] == key[0] and k != key]:
                     del merged[other]

@@ -374,8 +374,8 @@ def _closed_form_parts(
 # Glass stays glass: pixels at or above GLASS_LUMINOSITY (L*/100, the threshold the fit
 # uses for tissue) keep their scanned colour; below it the output blends linearly into the
 # normalised colour over BLEND_LUMINOSITY, so the table has no step at the threshold.
-GLASS_LUMINOSITY = 0.8
-BLEND_LUMINOSITY = 0.1
+GLASS_LUMINOSITY = 0.9
+BLEND_LUMINOSITY = 0.05
 _Y_TABLES32 = _Y_TABLES.astype(np.float32)
 _VALUES32 = np.arange(256, dtype=np.float32)
 
