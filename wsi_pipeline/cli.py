@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{row['error']}", file=sys.stderr)
         elif not args.quiet and "_report" in row:
             say(_describe(row["slide_id"], row["_report"], out / row["slide_id"]))
-        _save_summary(out, rows)  # kept current: a killed batch still says what finished
+        # kept current: a killed batch still says what finished (the page: every 10 slides)
+        _save_summary(out, rows, page=len(rows) % 10 == 1)
 
     with _stop_on_sigterm() as stop_signal:
         try:
@@ -213,14 +214,15 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if bad else 0
 
 
-def _save_summary(out: Path, rows: list[dict[str, Any]]) -> None:
-    """write_summary and the batch page, or one line when the output disk cannot take
-    them (the slides' own folders are complete either way)."""
+def _save_summary(out: Path, rows: list[dict[str, Any]], page: bool = True) -> None:
+    """write_summary and (``page``) the batch page, or one line when the output disk cannot
+    take them (the slides' own folders are complete either way)."""
     from .batch_page import write_index
 
     try:
         write_summary(out, rows)
-        write_index(out)
+        if page:   # it reads every report.json: not after each slide of a large batch
+            write_index(out)
     except OSError as exc:
         print(f"{PROG}: error: {out}: cannot write summary.csv / index.html "
               f"({exc.strerror or exc})", file=sys.stderr)
