@@ -180,6 +180,9 @@ def test_usage_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 4 and all(line.startswith("wsi-train: error: ") for line in err)
     assert "Traceback" not in "".join(err)
+    assert err[0].startswith("wsi-train: error: unknown task 'nope'")
+    assert train.main(["--task", "glomerulii", "--out", str(tmp_path / "w")]) == 2
+    assert "did you mean 'glomeruli'?" in capsys.readouterr().err
 
 
 def test_bundled_demo_weights_load_and_describe_themselves():

@@ -31,8 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = TrainOptions()
     p = _Parser(prog="wsi-train", description="Train a task's model from annotated slides "
                 "or a synthetic cohort; write a safetensors checkpoint + JSON sidecar.")
-    p.add_argument("--task", required=True, choices=task_names(trainable=True),
-                   help="a task, or glomeruli (the detector mesangial and glomerular-dx share)")
+    p.add_argument("--task", required=True, metavar="TASK",
+                   help=f"{', '.join(task_names(trainable=True))} (glomeruli: the detector "
+                        "mesangial and glomerular-dx share)")
     p.add_argument("--data", nargs="+", default=[], metavar="PATH",
                    help="slide files or folders; annotations beside each slide")
     p.add_argument("--out", required=True, type=Path,
