@@ -331,7 +331,7 @@ def predict_region(rgb: np.ndarray, task: str, *, weights: str | Path | None = N
     from .checkpoint import load_task_model
     from .infer import EngineOptions, infer_to_store, window_grid
     from .pipeline import resolve_device
-    from .pyramid import PyramidSpec, create_levels
+    from .pyramid import PyramidSpec, create_levels, halve
     from .store import SlideStore
 
     plugin = get_plugin(task)
@@ -354,8 +354,10 @@ def predict_region(rgb: np.ndarray, task: str, *, weights: str | Path | None = N
         levels = create_levels(store, pyramid, size_um, inputs="region")
         level = rgb
         for k, array in enumerate(levels):
-            if k:
-                level = _halve(level)
+            if k:   # the pyramid's own 2 x 2 mean; odd edges padded with glass
+                h, w = level.shape[:2]
+                level = halve(np.pad(level, ((0, h % 2), (0, w % 2), (0, 0)),
+                                     constant_values=255))
             _, h, w = array.shape
             array[:, :min(h, level.shape[0]), :min(w, level.shape[1])] = np.moveaxis(
                 level[:h, :w], -1, 0)
@@ -372,12 +374,3 @@ def predict_region(rgb: np.ndarray, task: str, *, weights: str | Path | None = N
                        options=EngineOptions(device=device, batch_size=batch_size, workers=0),
                        inputs="region", base_level=model.level)
         return np.asarray(store.root["pred/prob"][...], np.float32) / 255.0
-
-
-def _halve(rgb: np.ndarray) -> np.ndarray:
-    """2x2 mean (odd edges padded with glass white)."""
-    h, w = rgb.shape[:2]
-    padded = np.full((h + h % 2, w + w % 2, 3), 255, np.uint8)
-    padded[:h, :w] = rgb
-    return padded.reshape(padded.shape[0] // 2, 2, padded.shape[1] // 2, 2, 3).mean(
-        (1, 3)).round().astype(np.uint8)

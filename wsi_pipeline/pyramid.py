@@ -164,7 +164,7 @@ def _write_super_tile(slide: Slide, arrays: list[zarr.Array], key: tuple[int, in
     image = canvas
     for k, arr in enumerate(arrays):
         if k > 0:
-            image = _halve(image)
+            image = halve(image)
         per = n // spec.context[k]           # super-tile edge in level-k tiles
         span = spec.context[k]               # level-0 tiles along one level-k tile
         for i in range(per):
@@ -186,7 +186,7 @@ def _write_chunk(arr: zarr.Array, row: int, col: int, rgb: np.ndarray) -> None:
     arr[:, y0:y0 + h, x0:x0 + w] = np.moveaxis(rgb[:h, :w], -1, 0)
 
 
-def _halve(rgb: np.ndarray) -> np.ndarray:
+def halve(rgb: np.ndarray) -> np.ndarray:
     """2 x 2 box average of an (H, W, 3) uint8 image with even H and W, rounded.
 
     Pillow's ``reduce`` gives the same bytes as a numpy reshape-mean, ~7x faster.

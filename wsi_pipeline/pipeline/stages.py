@@ -27,8 +27,8 @@ from ..export import (
     write_mask_ome_tiff,
     write_overlay,
 )
+from ..labelmaps import nearest_index
 from ..pyramid import PyramidSpec, super_tile_groups, write_pyramid
-from ..quality import MIN_BRIGHTFIELD_MEDIAN_LSTAR, is_brightfield
 from ..tasks import MeasureInputs
 from ..tissue import detect_tissue, thumbnail_mpp, tile_grid
 from .context import SlideContext
@@ -53,7 +53,7 @@ def _tissue_params(ctx: SlideContext) -> dict[str, Any]:
     spec, slide = ctx.task.spec, ctx.slide
     return {"thumbnail_mpp": thumbnail_mpp(slide.size_um, slide.mpp),
             "tile_um": spec.tile_um, "min_tile_tissue": ctx.opts.min_tile_tissue,
-            "brightfield_min_lstar": MIN_BRIGHTFIELD_MEDIAN_LSTAR,
+            "brightfield_min_lstar": quality.MIN_BRIGHTFIELD_MEDIAN_LSTAR,
             **asdict(ctx.opts.tissue)}
 
 
@@ -65,7 +65,7 @@ def _run_tissue(ctx: SlideContext, results: Results, inputs: str) -> dict[str, A
     mpp = thumbnail_mpp(slide.size_um, slide.mpp)
     thumb = slide.thumbnail(mpp)
     store.write_array("tissue/thumbnail", thumb, {"mpp": mpp})
-    brightfield, evidence = is_brightfield(thumb)
+    brightfield, evidence = quality.is_brightfield(thumb)
     legend = {"0": "background", "1": "tissue", "2": "ink"}
     tile_attrs = {"mpp": spec.mpp, "tile_px": spec.tile_px, "tile_um": spec.tile_um,
                   "columns": ["row", "col"]}
@@ -104,15 +104,12 @@ def _stain_params(ctx: SlideContext) -> dict[str, Any]:
                          "dab_od": quality.DAB_OD.round(6).tolist()}}
 
 
-def _ink_in_tile(labels: np.ndarray, mask_mpp: float, row: int, col: int, tile_um: float,
-                 tile_px: int, mpp: float) -> np.ndarray:
+def _ink_in_tile(labels: np.ndarray, mask_mpp: float, row: int, col: int, tile_px: int,
+                 mpp: float) -> np.ndarray:
     """(tile_px, tile_px) bool: the pixels of tile (row, col) that the tissue stage's mask
     (``labels`` at ``mask_mpp``) marks as ink (label 2), by nearest neighbour."""
-    centres_um = (np.arange(tile_px) + 0.5) * mpp
-    ys = np.clip(((row * tile_um + centres_um) / mask_mpp).astype(np.int64), 0,
-                 labels.shape[0] - 1)
-    xs = np.clip(((col * tile_um + centres_um) / mask_mpp).astype(np.int64), 0,
-                 labels.shape[1] - 1)
+    ys = nearest_index(tile_px, mpp, mask_mpp, labels.shape[0], start=row * tile_px)
+    xs = nearest_index(tile_px, mpp, mask_mpp, labels.shape[1], start=col * tile_px)
     return labels[np.ix_(ys, xs)] == 2
 
 
@@ -132,8 +129,7 @@ def _run_stain(ctx: SlideContext, results: Results, inputs: str) -> dict[str, An
     for r, c in tiles[np.sort(pick)]:
         tile = slide.read(c * spec.tile_um, r * spec.tile_um, spec.tile_px, spec.tile_px,
                           spec.mpp)
-        ink = _ink_in_tile(labels, mask_mpp, int(r), int(c), spec.tile_um, spec.tile_px,
-                           spec.mpp)
+        ink = _ink_in_tile(labels, mask_mpp, int(r), int(c), spec.tile_px, spec.mpp)
         tissue = stain_mod.tissue_pixels(tile[~ink])
         keep = ~stain_mod.non_stain(tissue)
         pixels.append(tissue[keep])

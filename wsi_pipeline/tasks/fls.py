@@ -210,21 +210,20 @@ def measure(inputs: MeasureInputs, params: FlsParams | None = None,
     lymphocyte count (detected on the slide, or taken from the classical mode's
     detections); it is a focus when it holds >= ``params.min_lymphocytes``, else an
     aggregate. Writes ``pred/classes`` (the label map with that decision) and
-    ``pred/cells``: every lymphocyte detected on the tissue ((N, 2) float32 x, y um;
-    exported as QuPath detections; the detector runs on all tissue tiles, ~16 ms a tile,
-    with a network too). Returns the report's diagnosis, scores, counts
-    (``lymphocytes_detected``: the length of ``pred/cells``), areas and objects."""
+    ``pred/cells`` ((N, 2) float32 x, y um, exported as QuPath detections): the
+    lymphocytes detected, on all tissue in the classical mode, inside the focus candidates
+    with a network (running the detector on every tissue tile would cost ~16 ms a tile on
+    a gigapixel slide for cells no rule reads). Returns the report's diagnosis, scores,
+    counts (``lymphocytes_detected``: the length of ``pred/cells``), areas and objects."""
     slide, store, stain, areas_mm2 = inputs.slide, inputs.store, inputs.stain, inputs.areas_mm2
     params = params or FlsParams()
     lymphocytes = lymphocytes or LymphocyteParams()
     labels = store.root["pred/labels"]
     mpp = float(labels.attrs["mpp"])
     classes = new_label_map(store, "pred/classes", labels, LEGEND, copy=True)
-    points = (np.asarray(store.root["pred/lymphocytes"]) if "pred/lymphocytes" in store.root
-              else detect_on_tissue(slide, store, stain, lymphocytes))
-    store.write_array(CELLS, np.asarray(points, np.float32).reshape(-1, 2),
-                      {"units": "um", "columns": ["x_um", "y_um"], "name": "Lymphocyte",
-                       "color": list(LYMPHOCYTE_COLOR)})
+    known = (np.asarray(store.root["pred/lymphocytes"]) if "pred/lymphocytes" in store.root
+             else None)
+    cells = [known] if known is not None else []
 
     objects = []
     for (y0, x0, y1, x1), mask in connected_components(labels, lambda b: b == FOCUS):
@@ -235,7 +234,14 @@ def measure(inputs: MeasureInputs, params: FlsParams | None = None,
             classes[y0:y1, x0:x1] = crop
             continue
         ox, oy = x0 * mpp, y0 * mpp
-        count = int(_points_in_mask(points, mask, ox, oy, mpp).sum())
+        if known is None:
+            points = detect_lymphocytes_in_region(slide, ox, oy, (x1 - x0) * mpp,
+                                                  (y1 - y0) * mpp, TASK.mpp, stain, lymphocytes)
+            inside = _points_in_mask(points, mask, ox, oy, mpp)
+            cells.append(points[inside])   # candidates are disjoint: each cell once
+        else:
+            inside = _points_in_mask(known, mask, ox, oy, mpp)
+        count = int(inside.sum())
         is_focus = count >= params.min_lymphocytes
         crop[mask] = FOCUS if is_focus else AGGREGATE
         classes[y0:y1, x0:x1] = crop
@@ -254,6 +260,10 @@ def measure(inputs: MeasureInputs, params: FlsParams | None = None,
         })
 
     foci = [o for o in objects if o["kind"] == "focus"]
+    points = np.concatenate(cells).reshape(-1, 2) if cells else np.zeros((0, 2))
+    store.write_array(CELLS, points.astype(np.float32),
+                      {"units": "um", "columns": ["x_um", "y_um"], "name": "Lymphocyte",
+                       "color": list(LYMPHOCYTE_COLOR)})
     focus_mm2 = sum(o["measurements"]["area_um2"] for o in foci) / 1e6
     result = score(len(foci), areas_mm2["glandular"], focus_mm2, params)
     return result | {
