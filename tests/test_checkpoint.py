@@ -66,7 +66,7 @@ def test_sidecar_holds_what_build_and_reports_need(saved):
     assert meta["format"] == FORMAT and meta["task"] == "fls" and meta["demo"] is True
     assert meta["architecture"] == "m2cf_net" and meta["levels"] == [0, 1, 2]
     assert meta["arch_kwargs"] == {**TINY, "decoder_channels": [16, 8, 8],
-                                   "fusion_channels": 16, "classes": 1}
+                                   "fusion_channels": 16, "classes": 1, "output_stride": 1}
     assert meta["classes"] == ["focus"] and meta["mpp"] == 0.5 and meta["tile_px"] == 512
     assert meta["stain_reference"] == META["stain_reference"]
     assert meta["training"] == META["training"] and meta["metrics"] == {"dice": 0.9}

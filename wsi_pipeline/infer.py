@@ -126,6 +126,16 @@ class WindowDataset(torch.utils.data.Dataset):
 Sink = Callable[[np.ndarray, np.ndarray], None]
 
 
+def pool_factor(model: torch.nn.Module, out_downsample: int) -> int:
+    """How much the model's logits (at its ``output_stride``, default 1) are average-pooled
+    to reach the stored resolution ``out_downsample``."""
+    stride = int(getattr(model, "output_stride", 1))
+    if out_downsample % stride:
+        raise ValueError(f"the model predicts at stride {stride}, which does not divide the "
+                         f"task's output downsample {out_downsample}")
+    return out_downsample // stride
+
+
 def predict_windows(model: torch.nn.Module, store_path: str | Path, windows: np.ndarray, *,
                     size_px: int, context: tuple[int, ...], out_downsample: int,
                     options: EngineOptions, sink: Sink, base_level: int = 0,
@@ -136,9 +146,11 @@ def predict_windows(model: torch.nn.Module, store_path: str | Path, windows: np.
 
     ``context`` is the store's level downsamples (e.g. (1, 2, 4)); the model's ``levels``
     count from ``base_level``. Probabilities are sigmoid (1 class) or softmax (several),
-    average-pooled by ``out_downsample`` on the device. Returns timing figures.
+    average-pooled on the device from the model's ``output_stride`` to ``out_downsample``.
+    Returns timing figures.
     """
     device = torch.device(options.device)
+    pool = pool_factor(model, out_downsample)
     levels = tuple(base_level + k for k in getattr(model, "levels", (0,)))
     factors = tuple(context[k] // context[base_level] for k in levels)
     dataset = WindowDataset(store_path, windows, size_px, levels, factors)
@@ -166,8 +178,8 @@ def predict_windows(model: torch.nn.Module, store_path: str | Path, windows: np.
                 logits = model(x)
             logits = logits.float()
             probs = torch.sigmoid(logits) if logits.shape[1] == 1 else logits.softmax(1)
-            if out_downsample > 1:
-                probs = F.avg_pool2d(probs, out_downsample)
+            if pool > 1:
+                probs = F.avg_pool2d(probs, pool)
             probs = probs.cpu().numpy()
             model_s += time.perf_counter() - t0
             sink(windows[index.numpy()], probs)

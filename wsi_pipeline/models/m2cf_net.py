@@ -12,9 +12,11 @@ M_s = sigmoid(conv7x7([mean_c F; max_c F])), F' = M_s * (M_c * F); BCEDice loss.
 Our choices (the paper leaves the details unpublished): the fusion runs on each branch's
 deepest feature map (stride 2**encoder_depth); a 3x3 conv-BN-ReLU after the attention mixes
 the concatenation down to ``fusion_channels``; the attention MLP reduces channels 4x; the
-decoder to full resolution is smp's U-Net decoder with skip connections from the finest
-branch; the encoders are small timm MobileNetV3s (see ``DEFAULT_ENCODER``), trained from
-scratch (no downloaded weights).
+decoder is smp's U-Net decoder with skip connections from the finest branch, stopped at
+``output_stride`` (the resolution the task stores: decoding to full resolution and pooling
+afterwards spent 72 % of the FLOPs on pixels that were averaged away); the encoders are
+small timm MobileNetV3s (see ``DEFAULT_ENCODER``), trained from scratch (no downloaded
+weights).
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ from torch import nn
 
 # Default (demo) configuration, shared by the baselines so all three train alike. Measured
 # (benchmarks/bench_models.py): M2CF-Net 0.94 M parameters (1.9 MB as float16), 5.6 GFLOP
-# per 512 px patch, most of it in the decoder's full-resolution layers (hence 16 and 8
-# channels there); the three encoders together cost about 1 GFLOP.
+# per 512 px patch at output stride 1, most of it in the decoder's full-resolution layers
+# (hence 16 and 8 channels there); the three encoders together cost about 1 GFLOP.
 DEFAULT_ENCODER = "tu-mobilenetv3_small_100"
 DEFAULT_DEPTH = 4
 DEFAULT_DECODER_CHANNELS = (64, 32, 16, 8)
@@ -95,6 +97,16 @@ def align_coarse(coarse: torch.Tensor, ratio: int, size: Sequence[int]) -> torch
     return F.interpolate(cropped, size=tuple(size), mode="bilinear", align_corners=False)
 
 
+def decoder_blocks(encoder_depth: int, output_stride: int) -> int:
+    """How many 2x decoder steps take the deepest map (stride 2**encoder_depth) to
+    ``output_stride``, a power of two no larger than 2**encoder_depth."""
+    steps = output_stride.bit_length() - 1
+    if output_stride < 1 or 2**steps != output_stride or steps >= encoder_depth:
+        raise ValueError(f"output_stride must be a power of two below 2**encoder_depth "
+                         f"({2**encoder_depth}), got {output_stride}")
+    return encoder_depth - steps
+
+
 def describe(arch: str, kwargs: dict[str, Any]) -> str:
     """``arch(k=v, ...)`` for messages."""
     return f"{arch}({', '.join(f'{k}={v!r}' for k, v in sorted(kwargs.items()))})"
@@ -150,24 +162,29 @@ class FusionBlock(nn.Module):
 
 class M2CFNet(nn.Module):
     """M2CF-Net. Input (B, 3, 3, H, W) in [0, 1]: levels 0, 1, 2 (downsample 1, 2, 4) around
-    one centre, finest first; output logits (B, classes, H, W) over the finest patch. H and W
-    must be multiples of 2**(encoder_depth + 1) (32 at the default depth 4)."""
+    one centre, finest first; output logits (B, classes, H/s, W/s) over the finest patch,
+    s = ``output_stride``. H and W must be multiples of 2**(encoder_depth + 1) (32 at the
+    default depth 4)."""
 
     arch = "m2cf_net"
     levels: tuple[int, ...] = (0, 1, 2)
 
     def __init__(self, encoder_name: str = DEFAULT_ENCODER, encoder_depth: int = DEFAULT_DEPTH,
                  decoder_channels: Sequence[int] = DEFAULT_DECODER_CHANNELS,
-                 fusion_channels: int = DEFAULT_FUSION_CHANNELS, classes: int = 1) -> None:
+                 fusion_channels: int = DEFAULT_FUSION_CHANNELS, classes: int = 1,
+                 output_stride: int = 1) -> None:
         super().__init__()
         decoder_channels = tuple(int(c) for c in decoder_channels)
         if len(decoder_channels) != encoder_depth:
             raise ValueError(f"decoder_channels needs {encoder_depth} entries (one per "
                              f"encoder stage), got {len(decoder_channels)}")
+        blocks = decoder_blocks(encoder_depth, output_stride)
         self.arch_kwargs = {"encoder_name": encoder_name, "encoder_depth": encoder_depth,
                             "decoder_channels": list(decoder_channels),
-                            "fusion_channels": fusion_channels, "classes": classes}
+                            "fusion_channels": fusion_channels, "classes": classes,
+                            "output_stride": output_stride}
         self.classes = classes
+        self.output_stride = output_stride
         self.normalise = ImageNetNormalise()
         self.encoders = nn.ModuleList(make_encoder(encoder_name, encoder_depth)
                                       for _ in self.levels)
@@ -181,9 +198,9 @@ class M2CFNet(nn.Module):
             self.fusions.append(FusionBlock(coarse_channels, deepest, fusion_channels, ratio))
             coarse_channels = fusion_channels
         skips = list(self.encoders[0].out_channels[:-1]) + [fusion_channels]
-        self.decoder = UnetDecoder(encoder_channels=skips, decoder_channels=decoder_channels,
-                                   n_blocks=encoder_depth)
-        self.head = nn.Conv2d(decoder_channels[-1], classes, 3, padding=1)
+        self.decoder = UnetDecoder(encoder_channels=skips,
+                                   decoder_channels=decoder_channels[:blocks], n_blocks=blocks)
+        self.head = nn.Conv2d(decoder_channels[blocks - 1], classes, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         patches = split_levels(self.normalise(x), len(self.levels))

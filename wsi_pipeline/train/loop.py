@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 from ..errors import UsageError
 from .common import Log, say
@@ -25,6 +26,19 @@ def to_input(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """(B, L, H, W, 3) uint8 -> (B, L, 3, H, W) float in [0, 1] on ``device``."""
     x = x.to(device, non_blocking=device.type == "cuda")
     return x.permute(0, 1, 4, 2, 3).float().div_(255)
+
+
+def at_output_stride(target: torch.Tensor, valid: torch.Tensor, stride: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets (B, C, H, W) and valid mask (B, H, W) on the grid of a model that predicts
+    at ``stride``: each cell's target is the class fractions of its stride x stride pixels
+    (what the engine's pooled probabilities estimate), and a cell is valid only when all of
+    its pixels are."""
+    if stride == 1:
+        return target, valid
+    target = F.avg_pool2d(target.float(), stride)
+    valid = F.avg_pool2d(valid[:, None].float(), stride)[:, 0] > 1 - 1e-6
+    return target, valid
 
 
 def target_index(target: torch.Tensor) -> torch.Tensor:
@@ -108,9 +122,11 @@ def evaluate(model: torch.nn.Module, loader: torch.utils.data.DataLoader,
     model.eval()
     tp = pred = truth = 0.0
     matrix = None
+    stride = int(getattr(model, "output_stride", 1))
     with torch.inference_mode():
         for x, target, valid in loader:
             logits = model(to_input(x, device)).float().cpu()
+            target, valid = at_output_stride(target, valid, stride)
             if logits.shape[1] > 1:
                 m = confusion_matrix(logits, target, valid)
                 matrix = m if matrix is None else matrix + m
@@ -180,6 +196,7 @@ def fit(model: torch.nn.Module, task: TaskSpec, train: Sequence[TrainSlide],
     loss_name, loss_fn = make_loss(task.model, getattr(model, "family", "cnn"))
     score_classes = task.model.score_classes or None
     levels = tuple(getattr(model, "levels", (0,)))
+    stride = int(getattr(model, "output_stride", 1))
     rng = np.random.default_rng(opts.seed)
     total = opts.epochs * opts.steps_per_epoch
     if any(s.weak for s in train):
@@ -224,8 +241,8 @@ def fit(model: torch.nn.Module, task: TaskSpec, train: Sequence[TrainSlide],
         for step in range(opts.steps_per_epoch):
             x, target, valid = next(batches)
             x = to_input(x, device)
-            target = target.to(device, non_blocking=on_gpu)
-            valid = valid.to(device, non_blocking=on_gpu)
+            target, valid = at_output_stride(target.to(device, non_blocking=on_gpu),
+                                             valid.to(device, non_blocking=on_gpu), stride)
             with torch.autocast(device.type, dtype=amp, enabled=on_gpu):
                 logits = model(x).float()
             if weak_loss is None:

@@ -18,6 +18,7 @@ trains on weakly labelled slides of a ``--cohort`` list or a synthetic weak coho
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import time
 from collections.abc import Sequence
@@ -182,7 +183,7 @@ def _options(args: argparse.Namespace) -> TrainOptions:
 def _build(task: TaskSpec, args: argparse.Namespace, opts: TrainOptions
            ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The model, checked against the patch size with one small forward pass."""
-    from ..models import build_model
+    from ..models import ARCHITECTURES, build_model
 
     try:
         kwargs = json.loads(args.arch_kwargs)
@@ -202,6 +203,9 @@ def _build(task: TaskSpec, args: argparse.Namespace, opts: TrainOptions
             raise UsageError("--init takes the architecture from the checkpoint: drop --arch, "
                              "--encoder and --arch-kwargs")
         return model.train(), dict(meta["arch_kwargs"])
+    if "output_stride" in inspect.signature(ARCHITECTURES.get(arch, build_model)).parameters:
+        # predict at the resolution the task stores (no decoder layers for pooled pixels)
+        kwargs.setdefault("output_stride", task.model.out_downsample)
     try:
         model = build_model(arch, **kwargs)
     except (TypeError, ValueError, KeyError, RuntimeError) as exc:
@@ -213,9 +217,14 @@ def _build(task: TaskSpec, args: argparse.Namespace, opts: TrainOptions
     except (ValueError, RuntimeError) as exc:
         raise UsageError(f"--patch-px {opts.patch_px} does not fit {arch}: "
                          f"{str(exc).splitlines()[0]}") from None
-    if tuple(out.shape[-2:]) != (opts.patch_px, opts.patch_px):
+    stride = int(getattr(model, "output_stride", 1))
+    if tuple(out.shape[-2:]) != (opts.patch_px // stride,) * 2 or opts.patch_px % stride:
         raise UsageError(f"{arch} returns {tuple(out.shape[-2:])} for a {opts.patch_px} px "
-                         "patch; it must return the patch size")
+                         f"patch; at output stride {stride} it must return the patch size "
+                         f"/ {stride}")
+    if task.model.out_downsample % stride:
+        raise UsageError(f"output_stride {stride} must divide the task's output downsample "
+                         f"{task.model.out_downsample}")
     return model, dict(getattr(model, "arch_kwargs", kwargs))
 
 
