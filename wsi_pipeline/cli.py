@@ -32,6 +32,7 @@ from .batch import (
 )
 from .errors import OutputNotWritable, UsageError, WsiError
 from .pipeline import STAGES, RunOptions, resolve_device
+from .runtime import RUNTIMES
 from .slide import PLAUSIBLE_MPP
 from .store import prepare_output
 from .tasks import Task, get_plugin, task_names
@@ -91,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                         + "; ".join(f"{m} ({t}: {get_plugin(t).modes[m].description})"
                                     for m, t in modes.items()))
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--runtime", default="auto", choices=RUNTIMES,
+                   help="CPU inference runtime: auto (default: OpenVINO, else ONNX Runtime "
+                        "when installed with the 'fast' extra, else torch), or one of them")
     p.add_argument("--batch-size", type=int, default=8, help="inference batch (default 8)")
     p.add_argument("--workers", type=int, default=2,
                    help="parallel tile workers and data-loader processes (default 2)")
@@ -155,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     interactive = sys.stderr.isatty() and not args.quiet and args.scheduler is None
     opts = RunOptions(out=out.resolve(), until=args.until, mpp=args.mpp, backend=args.backend,
                       stain_backend=args.stain_backend, device=args.device,
+                      runtime=args.runtime,
                       workers=args.workers, batch_size=args.batch_size,
                       weights=args.weights.resolve() if args.weights else None,
                       model=args.model, force=args.force, show_progress=interactive,

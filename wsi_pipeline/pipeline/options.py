@@ -23,6 +23,7 @@ class RunOptions:
     backend: str = "auto"
     stain_backend: str = "numpy"
     device: str = "auto"
+    runtime: str = "auto"             # CPU inference runtime (wsi_pipeline.runtime.RUNTIMES)
     workers: int = 2
     batch_size: int = 8
     weights: Path | None = None       # None: the task's bundled demo weights

@@ -241,6 +241,7 @@ def _run_infer(ctx: SlideContext, results: Results, inputs: str) -> dict[str, An
             overlap_px=model.overlap_px, context=spec.context, level0_hw=level_hw,
             out_downsample=model.out_downsample,
             options=EngineOptions(device=device, batch_size=opts.batch_size,
+                                  runtime=opts.runtime,
                                   workers=_loader_workers(opts.workers, device)),
             inputs=inputs, attrs={"mpp": spec.pred_mpp, "classes": list(model.classes)},
             base_level=model.level, progress=bar.update if bar else None)
