@@ -1,17 +1,24 @@
 """Stain normalisation: throughput, cost relative to JPEG decoding, fidelity to staintools.
 
-    python benchmarks/bench_stain.py
+    python benchmarks/bench_stain.py            # everything (needs the staintools extra)
+    python benchmarks/bench_stain.py --quick    # only (1): normalise / JPEG decode
 
 Sources are real: 512 x 512 tiles of CMU-1-Small-Region.svs (openslide, level 0) and the
-stain images under ../shared/data. Every ratio is between figures measured in this run.
+stain images under ../shared/data. Every ratio is between figures measured in this run,
+timed in shuffled turns so that a background load slows every row alike; (1) repeats its
+measurement --rounds times and reports the median. `normalise` has two gathers giving the
+same bytes: the numpy path and the compiled one (numba, the `fast` extra), both shown.
 staintools (optional extra) is the reference: StainNormalizer('vahadane'), which refits
 the source stains of every tile.
 """
 
 from __future__ import annotations
 
+import argparse
+import random
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,7 +27,7 @@ import numpy as np
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from wsi_pipeline import stain
+from wsi_pipeline import stain, stain_kernel
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 SLIDE = DATA / "slides" / "CMU-1-Small-Region.svs"
@@ -35,6 +42,19 @@ def best_time(fn, repeat: int = 5) -> float:
         t0 = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def round_robin(rows: dict[str, Callable[[], object]], repeat: int = 7) -> dict[str, float]:
+    """Fastest of `repeat` runs of each row's fn(), seconds, the rows taken in shuffled turns."""
+    best = dict.fromkeys(rows, float("inf"))
+    order = list(rows)
+    for _ in range(repeat):
+        random.shuffle(order)
+        for name in order:
+            t0 = time.perf_counter()
+            rows[name]()
+            best[name] = min(best[name], time.perf_counter() - t0)
     return best
 
 
@@ -90,11 +110,9 @@ def gather_variants(tiles: np.ndarray, lut: np.ndarray, t_dec: float) -> None:
     """Where the time of `normalise` goes, and the alternatives measured against it.
 
     Every row is timed over the same tiles, round robin (best of 7), and divided by the
-    JPEG decode time of those tiles; only the shipped row is exact, the others are
-    part-pipelines or approximations kept here to show why they were not adopted.
+    JPEG decode time of those tiles; only the numpy and compiled paths are exact, the
+    others are part-pipelines or approximations kept here to show why they were not adopted.
     """
-    import random
-
     n_px = tiles.shape[0] * tiles.shape[1] * tiles.shape[2]
     chunk = 65_536
     idx, gathered = np.empty(chunk, np.intp), np.empty(chunk, np.uint32)
@@ -137,33 +155,30 @@ def gather_variants(tiles: np.ndarray, lut: np.ndarray, t_dec: float) -> None:
         return mort[p[:, 0]] | mort[p[:, 1]] << 1 | mort[p[:, 2]] << 2
 
     rows = {
-        "shipped normalise (mask, take, strided store; exact)":
-            lambda: [stain.normalise(t, lut) for t in tiles],
+        "numpy path of normalise (mask, take, strided store; exact)":
+            lambda: [stain.normalise(t, lut, kernel="numpy") for t in tiles],
         "  index pass only (strided uint32 read & 0xFFFFFF)":
             lambda: [passes(t, lut, gather=False, store=False) for t in tiles],
         "  index + gather, no output store":
             lambda: [passes(t, lut, store=False) for t in tiles],
         "  one tile repeated (its colours hot in L2)":
-            lambda: [stain.normalise(tiles[10], lut) for _ in tiles],
+            lambda: [stain.normalise(tiles[10], lut, kernel="numpy") for _ in tiles],
         "7-bit table, nearest (approximate, 8 MB)":
             lambda: [passes(t, lut7, shift=1, mask=0x7F7F7F) for t in tiles],
         "Morton index alone (3 small gathers; before the big gather)":
             lambda: [morton_index(t) for t in tiles],
     }
-    best = dict.fromkeys(rows, float("inf"))
-    order = list(rows)
-    for _ in range(7):
-        random.shuffle(order)
-        for name in order:
-            t0 = time.perf_counter()
-            rows[name]()
-            best[name] = min(best[name], time.perf_counter() - t0)
-    print("\n(2b) where the time goes (ns/px, Mpx/s, / JPEG decode 1 thread)")
+    if stain_kernel.AVAILABLE:
+        rows["compiled path (numba: one pass, 4 px as 3 words in and out; exact)"] = (
+            lambda: [stain.normalise(t, lut, kernel="numba") for t in tiles])
+    best = round_robin(rows)
+    print("\n(1b) where the time goes (ns/px, Mpx/s, / JPEG decode 1 thread)")
     for name, seconds in best.items():
-        print(f"  {name:64s} {seconds / n_px * 1e9:5.2f} {n_px / seconds / 1e6:6.0f}"
+        print(f"  {name:72s} {seconds / n_px * 1e9:5.2f} {n_px / seconds / 1e6:6.0f}"
               f" {seconds / t_dec:6.2f}")
     # `passes` leaves each tile's last pixel unwritten (normalise does it on its own): skip it
-    exact = np.stack([stain.normalise(t, lut) for t in tiles]).reshape(len(tiles), -1)[:, :-3]
+    exact = np.stack([stain.normalise(t, lut, kernel="numpy") for t in tiles])
+    exact = exact.reshape(len(tiles), -1)[:, :-3]
     approx = np.stack([passes(t, lut7, shift=1, mask=0x7F7F7F) for t in tiles])
     approx = approx.reshape(len(tiles), -1)[:, :-3]
     err = np.abs(exact.astype(int) - approx)
@@ -180,10 +195,67 @@ def gather_variants(tiles: np.ndarray, lut: np.ndarray, t_dec: float) -> None:
           + f" (unique colours per tile: up to {most} of {tiles[0].size // 3})")
 
 
+def versus_decode(tiles: np.ndarray, lut: np.ndarray, encoded: list[bytes],
+                  pool: ThreadPoolExecutor, rounds: int) -> dict[str, float]:
+    """(1): normalise time / JPEG decode time of the same tiles, per path; prints each round
+    and the medians, returns the median seconds of every row."""
+    kernels = ["numpy"] + (["numba"] * stain_kernel.AVAILABLE)
+    rows = {"decode": lambda: [imagecodecs.jpeg_decode(e) for e in encoded],
+            "decode 2": lambda: list(pool.map(imagecodecs.jpeg_decode, encoded))}
+    for k in kernels:
+        rows[k] = lambda k=k: [stain.normalise(t, lut, kernel=k) for t in tiles]
+        rows[f"{k} 2"] = lambda k=k: list(pool.map(
+            lambda t: stain.normalise(t, lut, kernel=k), tiles))
+    n_px = tiles.shape[0] * tiles.shape[1] * tiles.shape[2]
+    print("\n(1) normalise time / JPEG decode time of the same tiles (imagecodecs libjpeg-turbo,"
+          " q=90, default 4:2:0; goal <= 0.5); 1 thread, and 2 threads over tiles vs decode"
+          " on 2 threads")
+    names = {"numpy": "numpy path", "numba": "compiled path (numba)"}
+    runs = []
+    for i in range(rounds):
+        runs.append(round_robin(rows))
+        r = runs[-1]
+        print(f"  round {i + 1}: decode {n_px / r['decode'] / 1e6:4.0f} Mpx/s; " + "; ".join(
+            f"{names[k]} {r[k] / r['decode']:.2f} (2 threads {r[k + ' 2'] / r['decode 2']:.2f})"
+            for k in kernels))
+    median = {k: float(np.median([r[k] for r in runs])) for k in rows}
+    ratio = {k: float(np.median([r[k] / r["decode"] for r in runs])) for k in kernels}
+    ratio2 = {k: float(np.median([r[k + " 2"] / r["decode 2"] for r in runs])) for k in kernels}
+    print(f"  median of {rounds}: JPEG decode 1 thread {n_px / median['decode'] / 1e6:.0f} Mpx/s")
+    for k in kernels:
+        print(f"  {names[k] + ' / JPEG decode':40s} 1 thread {ratio[k]:.2f}   "
+              f"2 threads {ratio2[k]:.2f}   ({n_px / median[k] / 1e6:.0f} Mpx/s on 1 thread)")
+    if not stain_kernel.AVAILABLE:
+        print("  compiled path: numba not installed (pip install wsi_pipeline[fast])")
+    else:
+        same = np.array_equal(stain.normalise(tiles, lut, kernel="numba"),
+                              stain.normalise(tiles, lut, kernel="numpy"))
+        print(f"  identity: compiled path == numpy path on all {len(tiles)} tiles "
+              f"(np.array_equal): {same}")
+        assert same
+    return median
+
+
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="only (1), normalise / JPEG decode (no staintools needed)")
+    parser.add_argument("--rounds", type=int, default=3, help="repeats of (1); median reported")
+    args = parser.parse_args()
     if not SLIDE.is_file() or not STAIN.is_dir():
         print(f"real data not found under {DATA}; nothing to benchmark", file=sys.stderr)
         return 1
+    region, tiles = slide_region_and_tiles()
+    n_px = tiles.shape[0] * TILE * TILE
+    print(f"source: {SLIDE.name} {region.shape[1]}x{region.shape[0]} px, "
+          f"{len(tiles)} tiles of {TILE}x{TILE} ({n_px / 1e6:.1f} Mpx)")
+    pool = ThreadPoolExecutor(2)
+    encoded = [imagecodecs.jpeg_encode(t, level=90) for t in tiles]
+    if args.quick:
+        lut = stain.build_lut(stain.fit_vahadane(region), stain.REFERENCES["he"])
+        versus_decode(tiles, lut, encoded, pool, args.rounds)
+        pool.shutdown()
+        return 0
     try:
         import staintools  # noqa: F401
     except ImportError:
@@ -191,11 +263,7 @@ def main() -> int:
         return 1
     import torch
 
-    region, tiles = slide_region_and_tiles()
-    n_px = tiles.shape[0] * TILE * TILE
-    print(f"source: {SLIDE.name} {region.shape[1]}x{region.shape[0]} px, "
-          f"{len(tiles)} tiles of {TILE}x{TILE} ({n_px / 1e6:.1f} Mpx); "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
 
     # ---------------------------------------------------------------- per-slide setup
     t0 = time.perf_counter()
@@ -209,14 +277,31 @@ def main() -> int:
           f"({len(stain.tissue_pixels(region))} tissue px, 20k used for dictionary learning); "
           f"build_lut {t_lut:.3f} s (2 threads), {t_lut1:.3f} s (1 thread)")
 
-    # ---------------------------------------------------------------- (1) throughput
-    t_np = best_time(lambda: [stain.normalise(t, lut) for t in tiles])
-    pool = ThreadPoolExecutor(2)
-    t_np2 = best_time(lambda: list(pool.map(lambda t: stain.normalise(t, lut), tiles)))
+    # ---------------------------------------------------------------- (1) vs JPEG decode
+    median = versus_decode(tiles, lut, encoded, pool, args.rounds)
+    t_dec = median["decode"]
+    fastest = "numba" if stain_kernel.AVAILABLE else "numpy"
+    t_fast = median[fastest]
+    path = "compiled path" if stain_kernel.AVAILABLE else "numpy path"
+
+    def mpx(seconds: float) -> float:
+        return n_px / seconds / 1e6
+
+    stored, tables = stored_jpeg_tiles()
+    n_stored = sum(t.shape[0] * t.shape[1] for t in (imagecodecs.jpeg_decode(
+        d, tables=tables) for d in stored))
+    t_stored = best_time(lambda: [imagecodecs.jpeg_decode(d, tables=tables) for d in stored])
+    rate = n_stored / t_stored / 1e6
+    print(f"  the slide's own stored JPEG tiles (240x240, YCbCr 4:2:0), 1 thread: {rate:.0f} Mpx/s;"
+          f" per pixel, {path} 1 thread / that decode: {rate / mpx(t_fast):.2f}")
+    gather_variants(tiles, lut, t_dec)
+
+    # ---------------------------------------------------------------- (2) throughput
     lut_t = stain.lut_to_torch(lut)
     batch = torch.from_numpy(tiles)
     t_torch = best_time(lambda: stain.normalise_torch(batch, lut_t), repeat=3)
-    assert np.array_equal(stain.normalise_torch(batch, lut_t).numpy(), stain.normalise(tiles, lut))
+    assert np.array_equal(stain.normalise_torch(batch, lut_t).numpy(),
+                          stain.normalise(tiles, lut, kernel="numpy"))
 
     few = tiles[[6, 10, 14]]  # staintools runs ~1 tile/s: time three tissue tiles
     st_norm = stain.make_normaliser(None, "he", backend="staintools")
@@ -225,42 +310,27 @@ def main() -> int:
         st_norm(t)
     t_st = (time.perf_counter() - t0) / len(few) * len(tiles)
 
-    def mpx(seconds: float) -> float:
-        return n_px / seconds / 1e6
-
     per_slide = 10_000  # tiles of a typical slide at ~0.5 um/px
-    print("\n(1) throughput on the 512x512 tiles (Mpx/s; x = faster than staintools)")
+    print("\n(2) throughput on the 512x512 tiles (Mpx/s; x = faster than staintools; LUT "
+          "gathers: medians of (1))")
     rows = [
         ("staintools StainNormalizer('vahadane').transform", t_st),
-        ("numpy LUT gather, 1 thread (LUT built)", t_np),
-        ("numpy LUT gather, 2 threads over tiles", t_np2),
+        ("numpy path, 1 thread (LUT built)", median["numpy"]),
+        ("numpy path, 2 threads over tiles", median["numpy 2"]),
+    ]
+    if stain_kernel.AVAILABLE:
+        rows += [("compiled path (numba), 1 thread (LUT built)", median["numba"]),
+                 ("compiled path (numba), 2 threads over tiles", median["numba 2"])]
+    rows += [
         (f"torch CPU index_select ({torch.get_num_threads()} threads)", t_torch),
-        (f"numpy 1 thread + LUT build amortised over these {len(tiles)} tiles", t_np + t_lut),
-        ("numpy 1 thread + LUT build + fit, over these tiles", t_np + t_lut + t_fit),
-        (f"numpy 1 thread + LUT build + fit, over {per_slide} tiles",
-         t_np + (t_lut + t_fit) * len(tiles) / per_slide),
+        (f"{path} 1 thread + LUT build amortised over these {len(tiles)} tiles",
+         t_fast + t_lut),
+        (f"{path} 1 thread + LUT build + fit, over these tiles", t_fast + t_lut + t_fit),
+        (f"{path} 1 thread + LUT build + fit, over {per_slide} tiles",
+         t_fast + (t_lut + t_fit) * len(tiles) / per_slide),
     ]
     for name, seconds in rows:
         print(f"  {name:64s} {mpx(seconds):9.2f}  {t_st / seconds:8.0f}x")
-
-    # ---------------------------------------------------------------- (2) vs JPEG decode
-    encoded = [imagecodecs.jpeg_encode(t, level=90) for t in tiles]
-    t_dec = best_time(lambda: [imagecodecs.jpeg_decode(e) for e in encoded])
-    print("\n(2) normalisation time / JPEG decode time of the same tiles "
-          "(imagecodecs libjpeg-turbo, q=90, default 4:2:0; goal <= 0.5)")
-    print(f"  JPEG decode, 1 thread: {mpx(t_dec):.0f} Mpx/s")
-    print(f"  numpy LUT, 1 thread vs decode 1 thread:          {t_np / t_dec:.2f}")
-    print(f"  numpy LUT, 2 threads vs decode 2 threads:        "
-          f"{t_np2 / best_time(lambda: list(pool.map(imagecodecs.jpeg_decode, encoded))):.2f}")
-    print(f"  numpy LUT, 2 threads vs decode 1 thread:         {t_np2 / t_dec:.2f}")
-    stored, tables = stored_jpeg_tiles()
-    n_stored = sum(t.shape[0] * t.shape[1] for t in (imagecodecs.jpeg_decode(
-        d, tables=tables) for d in stored))
-    t_stored = best_time(lambda: [imagecodecs.jpeg_decode(d, tables=tables) for d in stored])
-    rate = n_stored / t_stored / 1e6
-    print(f"  the slide's own stored JPEG tiles (240x240, YCbCr 4:2:0), 1 thread: {rate:.0f} Mpx/s;"
-          f" per pixel, numpy LUT 1 thread / that decode: {rate / mpx(t_np):.2f}")
-    gather_variants(tiles, lut, t_dec)
 
     # ---------------------------------------------------------------- (3a) stain vectors
     import staintools
