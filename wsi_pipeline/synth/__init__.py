@@ -10,6 +10,9 @@ writes an Aperio-compatible pyramidal JPEG SVS, `<stem>.truth.json` (task, diagn
 scores, counts, areas_mm2, objects, generator) and `<stem>.truth.zarr` (label mask with
 its MPP and legend, plus object arrays). Tasks: fls, liver, kidney-layer, mesangial,
 glomerular-dx (the biopsy slide of a case; `synth.cases.write_case` writes whole cases).
+``randomise=True`` (``wsi-synth --randomise``) domain-randomises stains, section, nuclei,
+artefacts and scanner effects per slide (`synth.randomise`); without it a slide is exactly
+as before.
 """
 
 from .generate import get_spec, task_specs, write_slide

@@ -526,15 +526,17 @@ def _tem_plan(seed: int) -> list[dict]:
 
 def write_case(folder: str | os.PathLike, label: str | None = None, seed: int = 0,
                om_size_px: tuple[int, int] = (6000, 4000), mpp: float = 0.5, *,
-               weak: dict[str, bool] | None = None, workers: int | None = None) -> dict:
+               weak: dict[str, bool] | None = None, workers: int | None = None,
+               randomise: bool = False) -> dict:
     """Write one synthetic glomerular-dx case folder and return its truth dict.
 
     folder: the case folder (created; its name is the case id); label: IgAN, MN or LN
     (None = drawn from the seed); om_size_px: (width, height) of the biopsy slide in
     level-0 px at `mpp` um/px; weak: override the per-modality weak flags, e.g.
     {"om": False, "im": True, "tem": False} (missing keys are drawn); workers: OM
-    rendering processes (default: up to 2 for big slides). Writes om/<case>.svs (+ truth
-    files), im/if.png, tem/tem_XX.{png,tif,jpg} and truth.json.
+    rendering processes (default: up to 2 for big slides); randomise: a domain-randomised
+    OM slide (`synth.randomise`). Writes om/<case>.svs (+ truth files), im/if.png,
+    tem/tem_XX.{png,tif,jpg} and truth.json.
     """
     _check_label(label)
     folder = Path(folder)
@@ -550,19 +552,19 @@ def write_case(folder: str | os.PathLike, label: str | None = None, seed: int = 
     _prepare(folder)
     try:
         return _write_case(folder, case, label, int(seed), flags, width, height, float(mpp),
-                           workers)
+                           workers, bool(randomise))
     except OSError as e:
         raise OutputNotWritable(f"cannot write case {folder}: {e.strerror or e}") from e
 
 
 def _write_case(folder: Path, case: str, label: str, seed: int, flags: dict, width: int,
-                height: int, mpp: float, workers) -> dict:
+                height: int, mpp: float, workers, randomise: bool = False) -> dict:
     from PIL import Image
 
     om_path = folder / "om" / f"{case}.svs"
     om = write_spec_slide(kidney.CASE_OM_SPEC, om_path, width=width, height=height, mpp=mpp,
                           seed=seed, label=label, workers=workers,
-                          build_kw={"weak": flags["om"]})
+                          build_kw={"weak": flags["om"]}, randomise=randomise)
 
     r_if = np.random.default_rng([seed, 9302])
     if_img, if_geom = _if_render(r_if, label, flags["im"])
@@ -625,7 +627,7 @@ def write_case_cohort(folder: str | os.PathLike, cases: int, seed: int = 0,
     """Write `cases` case folders folder/case_XXX/ balanced over IgAN, MN, LN (in a seeded
     random order) and folder/cases.csv (case_id, diagnosis); returns the truth dicts.
 
-    kw: passed to `write_case` (om_size_px, mpp, weak, workers).
+    kw: passed to `write_case` (om_size_px, mpp, weak, workers, randomise).
     """
     if int(cases) < 1:
         raise UsageError(f"a cohort needs at least one case, not {cases}")

@@ -7,6 +7,7 @@
     wsi-synth --task liver --cohort 40 --annotated 8 --out out/liver_cohort --seed 3
     wsi-synth --task glomerular-dx --label MN --out out/case_001 --seed 2
     wsi-synth --task glomerular-dx --cohort 30 --out out/cases
+    wsi-synth --task fls --out out/fls_r1.svs --seed 1 --randomise
 
 Defaults per task: fls 12000 x 9000 px, kidney-layer and mesangial 16000 x 8000 px, liver
 8000 x 6000 px, all at 0.5 um/px (20x); a mouse kidney-layer slide covers 11 x 7 mm at the
@@ -17,6 +18,11 @@ FOLDER/<patient>/<patient>_<n>.svs, and FOLDER/cohort.csv; only the --annotated 
 6000 x 4000 px by default; im/ immunofluorescence image; tem/ 3-15 electron micrographs);
 --cohort N writes N cases and cases.csv. Expected failures print one line
 `wsi-synth: error: ...` on stderr and exit non-zero (2 = usage); no traceback.
+--randomise draws, per slide and from its seed, stain vectors and strengths around the
+real references, section and nuclear variation, artefacts (folds, bubbles, debris,
+marking dye) and scanner effects (focus blur, illumination, field seams, white balance,
+noise, JPEG quality); it applies to cohorts and cases too, and is recorded in each
+slide's truth JSON (generator.randomise). Without it a slide is exactly as before.
 """
 
 from __future__ import annotations
@@ -67,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add a marker-pen stroke; COLOUR red, green, blue or black "
                    "(default: drawn from the seed among blue, green and black)")
     p.add_argument("--fold", action="store_true", help="add a tissue fold")
+    p.add_argument("--randomise", action="store_true",
+                   help="domain-randomise stains, section, nuclei, artefacts and scanner "
+                   "effects per slide (from the seed; recorded in the truth JSON)")
     p.add_argument("--workers", type=int, metavar="N",
                    help="rendering processes (default: up to 2)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
@@ -122,7 +131,8 @@ def run(argv: list[str] | None = None) -> dict:
     truth = write_slide(args.task, args.out, width=args.width, height=args.height,
                         mpp=args.mpp, seed=args.seed, label=_label(args),
                         pen=_pen_colour(args) or bool(args.pen), fold=args.fold,
-                        workers=args.workers, progress=progress, species=args.species)
+                        workers=args.workers, progress=progress, species=args.species,
+                        randomise=args.randomise)
     if not args.quiet:
         gen = truth["generator"]
         key = next(iter(truth["scores"]), None)
@@ -150,7 +160,7 @@ def _plugin(name: str):
 def _from_plugin(plugin, args) -> dict:
     """A slide from a task plugin's own ``synth`` hook (--label, size, MPP, seed)."""
     if args.cohort or args.annotated or args.pen or args.fold or args.species \
-            or args.positive or args.negative:
+            or args.positive or args.negative or args.randomise:
         raise UsageError(f"task {plugin.name!r} (a plugin) takes --label, --width, --height, "
                          "--mpp, --seed and --workers only")
     truth = plugin.synth(args.out, width=args.width, height=args.height, mpp=args.mpp,
@@ -170,7 +180,7 @@ def _case(args) -> dict:
                          "glomerular-dx cases; use --label IgAN|MN|LN")
     truth = write_case(args.out, label=args.label, seed=args.seed,
                        om_size_px=(args.width or 6000, args.height or 4000),
-                       mpp=args.mpp or 0.5, workers=args.workers)
+                       mpp=args.mpp or 0.5, workers=args.workers, randomise=args.randomise)
     if not args.quiet:
         print(f"wrote case {args.out}: diagnosis {truth['diagnosis']['label']}, "
               f"{truth['counts']['tem_images']} TEM images")
@@ -185,7 +195,8 @@ def _cohort(args, progress) -> dict:
     if args.task == "glomerular-dx":
         from .cases import write_case_cohort
 
-        rows = write_case_cohort(args.out, args.cohort, seed=args.seed, workers=args.workers)
+        rows = write_case_cohort(args.out, args.cohort, seed=args.seed, workers=args.workers,
+                                 randomise=args.randomise)
         if not args.quiet:
             print(f"wrote {args.cohort} cases in {args.out}; list in cases.csv")
         return {"cases": rows}
@@ -200,7 +211,8 @@ def _cohort(args, progress) -> dict:
     annotated = args.cohort // 4 if args.annotated is None else args.annotated
     rows = write_liver_cohort(args.out, args.cohort, annotated, seed=args.seed,
                               width=args.width, height=args.height, mpp=args.mpp,
-                              workers=args.workers, progress=progress)
+                              workers=args.workers, progress=progress,
+                              randomise=args.randomise)
     if not args.quiet:
         n_hcc = len({r["patient_id"] for r in rows if r["diagnosis"] == "HCC"})
         n_ann = len({r["patient_id"] for r in rows if r["annotated"]})

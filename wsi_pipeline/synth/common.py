@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -25,6 +26,7 @@ class SlideBase:
     fold: sc.Fold | None = None
     dust: sc.Dust | None = None
     options: dict = field(default_factory=dict)
+    randomise: Any = None  # a randomise.Randomisation when the slide is randomised
 
     @property
     def width_um(self) -> float:
@@ -148,18 +150,21 @@ def render_tissue_tile(s: SlideBase, index: sc.SpatialIndex, salt: int, fields: 
     > 0 in tissue) plus whatever `paint` reads; paint(s, F, x0_px, y0_px, size, X, Y, rng,
     cH, c2) fills the haematoxylin and second-stain concentrations (size, size) in place.
     The frame then applies the tissue edge, fold thickness, pen and dust, and Beer-Lambert.
+    A randomised slide (`s.randomise`) also varies its nuclei, section and artefacts here,
+    and renders glass tiles too (the scanner's effects cover the whole slide).
     """
     mpp = s.mpp
     x0, y0 = x0_px * mpp, y0_px * mpp
     x1, y1 = x0 + size * mpp, y0 + size * mpp
+    rnd = s.randomise
     pieces = index.query(x0, y0, x1, y1)
-    if not len(pieces) and not artefact_touches(s, x0, y0, x1, y1):
+    if not len(pieces) and not artefact_touches(s, x0, y0, x1, y1) and rnd is None:
         return None
     rng = np.random.default_rng(sc.tile_seed(s.seed, salt, x0_px, y0_px))
     X, Y = tile_coords(x0_px, y0_px, size, mpp)
     cH = np.zeros((size, size), np.float32)
     c2 = np.zeros((size, size), np.float32)
-    alpha = None
+    alpha = edge = None
     if len(pieces):
         F = sc.coarse_fields(lambda gx, gy: fields(s, gx, gy), x0, y0, mpp, size,
                              coarse_step(mpp, size))
@@ -167,17 +172,24 @@ def render_tissue_tile(s: SlideBase, index: sc.SpatialIndex, salt: int, fields: 
                                                  sc.pow2_cell(12.0, mpp, size))
         alpha = sc.smoothstep(-0.7 * mpp, 0.7 * mpp, edge)
         if alpha.max() > 0:
-            paint(s, F, x0_px, y0_px, size, X, Y, rng, cH, c2)
+            with sc.nuclear_variation(None if rnd is None else rnd.nuclei_at(x0_px, y0_px)):
+                paint(s, F, x0_px, y0_px, size, X, Y, rng, cH, c2)
             cH *= alpha
             c2 *= alpha
             thick = fold_thickness(s, x0, y0, mpp, size)
             if thick is not None:
                 cH *= thick
                 c2 *= thick
+            if rnd is not None:
+                fh, f2 = rnd.section_factors(mpp, x0_px, y0_px, size)
+                cH *= fh
+                c2 *= f2
         else:
             alpha = None
     extra = artefacts_extra_od(s, x0_px, y0_px, size)
-    if alpha is None and not extra:
+    if rnd is not None:
+        extra += rnd.extra_od(mpp, x0_px, y0_px, size, edge)
+    elif alpha is None and not extra:
         return None
     return sc.beer_lambert(s.stains, cH, c2, rng, extra)
 

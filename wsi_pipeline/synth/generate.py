@@ -36,7 +36,7 @@ def write_slide(task: str, path: str | os.PathLike, *, width: int | None = None,
                 label: str | None = None, pen: bool | str = False, fold: bool = False,
                 workers: int | None = None, progress: Callable | None = None,
                 tile: int = TILE_PX, quality: int = JPEG_QUALITY,
-                species: str | None = None) -> dict:
+                species: str | None = None, randomise: bool = False) -> dict:
     """Write a synthetic slide (Aperio SVS) and its truth; return the truth dict.
 
     task: 'fls', 'kidney-layer', 'mesangial', 'liver' or 'glomerular-dx' (the biopsy slide
@@ -45,7 +45,10 @@ def write_slide(task: str, path: str | os.PathLike, *, width: int | None = None,
     from the seed; workers: rendering processes (default: up to 2, inline for small
     slides); progress: a tqdm-like factory or None; species: kidney-layer only, 'human'
     (default: needle cores) or 'mouse' (a whole kidney section; default size 11 x 7 mm at
-    the given MPP).
+    the given MPP); randomise: domain-randomised stains, section, nuclei, artefacts and
+    scanner effects, drawn from the seed (`synth.randomise`; recorded in the truth JSON
+    under generator.randomise; the label mask is unchanged). False keeps the slide exactly
+    as without the option.
     Writes PATH, <stem>.truth.json and <stem>.truth.zarr.
     """
     spec = get_spec(task)
@@ -60,4 +63,5 @@ def write_slide(task: str, path: str | os.PathLike, *, width: int | None = None,
         build_kw = {"species": species}
     return write_spec_slide(spec, path, width=width, height=height, mpp=mpp, seed=seed,
                             label=label, pen=pen, fold=fold, workers=workers,
-                            progress=progress, tile=tile, quality=quality, build_kw=build_kw)
+                            progress=progress, tile=tile, quality=quality, build_kw=build_kw,
+                            randomise=randomise)

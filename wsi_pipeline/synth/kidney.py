@@ -283,7 +283,8 @@ def _cortex_tubules(s: KidneyScene, x0_px, y0_px, size, X, Y, rng, nuc):
         py = py - 10.0 * sc.value_noise(s.seed + 122, gxp, gyp, cw) / mpp
         k4 = cu(4)[ok]
         r_nuc = (2.6 + 0.6 * k4) / mpp
-        sc.stamp_ellipses(nuc, px, py, r_nuc, r_nuc * 0.85, th[ok], C_NUC_H * (0.85 + 0.2 * k4))
+        sc.stamp_ellipses(nuc, px, py, r_nuc, r_nuc * 0.85, th[ok], C_NUC_H * (0.85 + 0.2 * k4),
+                          nuclear=True)
     return cH.astype(np.float32), cP.astype(np.float32)
 
 
@@ -386,7 +387,7 @@ def _glomerulus(s: KidneyScene, i: int, X, Y, x0, y0, nuc):
         rad = sc.hash_uniform(s.seed + 500 + i, np.arange(len(cells)))
         sc.stamp_ellipses(nuc, _px(cells[:, 0], x0, mpp), _px(cells[:, 1], y0, mpp),
                           (2.7 + 0.5 * rad) / mpp, (2.3 + 0.4 * rad) / mpp, rad * 3.1,
-                          C_NUC_H * 1.1)
+                          C_NUC_H * 1.1, nuclear=True)
     px_, py_, u = sc.jittered_points(s.seed + 600 + i, g.x[i] - R, g.y[i] - R, g.x[i] + R,
                                      g.y[i] + R, 11.0, 0.65)
     rr = np.hypot(px_ - g.x[i], py_ - g.y[i]) / R
@@ -395,12 +396,13 @@ def _glomerulus(s: KidneyScene, i: int, X, Y, x0, y0, nuc):
         ok &= np.hypot(px_ - ax, py_ - ay) > ar * 1.1
     if ok.any():
         sc.stamp_ellipses(nuc, _px(px_[ok], x0, mpp), _px(py_[ok], y0, mpp),
-                          (2.6 + u[ok]) / mpp, 2.0 / mpp, u[ok] * 6.0, C_NUC_H * 0.95)
+                          (2.6 + u[ok]) / mpp, 2.0 / mpp, u[ok] * 6.0, C_NUC_H * 0.95,
+                          nuclear=True)
     xs, ys, tang = sc.ring_points(sc.object_rng(s.seed, 5, i), float(g.x[i]), float(g.y[i]),
                                   R, R, 0.0,
                                   1.0 - caps_w * 1.6, 22.0, 0.3, 0.3)
     sc.stamp_ellipses(nuc, _px(xs, x0, mpp), _px(ys, y0, mpp), 3.6 / mpp, 1.1 / mpp, tang,
-                      C_NUC_H)
+                      C_NUC_H, nuclear=True)
     return cover, cH.astype(np.float32), cP.astype(np.float32)
 
 
@@ -1101,7 +1103,7 @@ def _interstitial_cells(s: KidneyScene, x0, y0, size, into: np.ndarray, spacing_
         return
     ang = np.arctan2(ys - m.tip_xy[1], xs - m.tip_xy[0]) + np.pi / 2 + (uu - 0.5) * 0.6
     sc.stamp_ellipses(into, (xs - x0) / mpp, (ys - y0) / mpp, (3.2 + 1.5 * uu) / mpp,
-                      1.3 / mpp, ang, C_NUC_H * 0.9)
+                      1.3 / mpp, ang, C_NUC_H * 0.9, nuclear=True)
 
 
 def _urothelium(s: KidneyScene, x0, y0, size, into: np.ndarray):
@@ -1111,7 +1113,7 @@ def _urothelium(s: KidneyScene, x0, y0, size, into: np.ndarray):
                                     y0 + size * mpp + 4, 5.5, 0.85)
     if len(xs):
         sc.stamp_ellipses(into, (xs - x0) / mpp, (ys - y0) / mpp, (2.5 + 0.6 * uu) / mpp,
-                          (2.0 + 0.4 * uu) / mpp, uu * 6.0, C_NUC_H * 0.95)
+                          (2.0 + 0.4 * uu) / mpp, uu * 6.0, C_NUC_H * 0.95, nuclear=True)
 
 
 def _paint_mouse(s: KidneyScene, F, x0_px, y0_px, size, X, Y, rng, cH, cP):

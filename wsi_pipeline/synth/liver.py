@@ -456,7 +456,7 @@ def _stamp_nuclei(nuc, x_um, y_um, ra_um, rb_um, ang, amp, x0, y0, mpp, tex=None
         return
     px, py = _tile_px(x_um, y_um, x0, y0, mpp)
     sc.stamp_ellipses(nuc, px, py, np.asarray(ra_um) / mpp, np.asarray(rb_um) / mpp, ang, amp,
-                      texture=tex)
+                      texture=tex, nuclear=True)
     if nucleolus > 0:
         sc.stamp_ellipses(nuc, px, py, nucleolus / mpp, nucleolus / mpp, 0.0, C_NUCLEOLUS_H)
 
@@ -1280,7 +1280,7 @@ def write_liver_cohort(folder: str | os.PathLike, patients: int, annotated: int,
                        seed: int = 0, width: int | None = None, height: int | None = None,
                        slides_per_patient: tuple[int, int] = (1, 2), *,
                        mpp: float | None = None, workers: int | None = None,
-                       progress=None) -> list[dict]:
+                       progress=None, randomise: bool = False) -> list[dict]:
     """Write a synthetic liver cohort; return the rows of FOLDER/cohort.csv.
 
     `patients` patients, half HCC and half CCA (one diagnosis for all of a patient's
@@ -1290,7 +1290,8 @@ def write_liver_cohort(folder: str | os.PathLike, patients: int, annotated: int,
     diagnoses) keep the label mask `<stem>.truth.zarr`; the others are weakly labelled:
     diagnosis and areas only. Every slide has `<stem>.truth.json` with "annotated" and
     "patient_id" added. Slide seeds derive from `seed`; the same arguments give the same
-    files. cohort.csv columns: patient_id, slide (path relative to FOLDER), diagnosis,
+    files. randomise: domain-randomised slides (`synth.randomise`), each from its own seed.
+    cohort.csv columns: patient_id, slide (path relative to FOLDER), diagnosis,
     annotated (1/0).
     """
     patients, annotated = int(patients), int(annotated)
@@ -1319,7 +1320,7 @@ def write_liver_cohort(folder: str | os.PathLike, patients: int, annotated: int,
             slide_seed = int(sc.hash_u32(int(seed), 7002, p, j).reshape(-1)[0]) & 0x7FFFFFFF
             truth_ = write_spec_slide(SPEC, path, width=width, height=height, mpp=mpp,
                                       seed=slide_seed, label=dx, workers=workers,
-                                      progress=progress)
+                                      progress=progress, randomise=randomise)
             json_path, zarr_path = truth_paths(path)
             if not ann:  # weakly labelled: the diagnosis and areas, no label mask
                 shutil.rmtree(zarr_path, ignore_errors=True)

@@ -290,7 +290,7 @@ def _acini(s: FlsScene, x0_px, y0_px, size, X, Y, rng, nuc):
     ang = th[ok] + np.pi / 2
     tex = 0.8 + 0.25 * np.clip(sc.bank_window(rng, (size, size)), -1.5, 1.5)
     sc.stamp_ellipses(nuc, px, py, ra, rb, ang, C_NUCLEUS_H * (0.9 + 0.2 * cu(5)[ok]),
-                      texture=tex)
+                      texture=tex, nuclear=True)
     return cH.astype(np.float32), cE.astype(np.float32)
 
 
@@ -421,7 +421,8 @@ def _paint_tissue(s: FlsScene, F, x0_px, y0_px, size, X, Y, rng, cH, cE):
                 _red_cells(s, i, objs, x0, y0, size, rs, cs, lumen_w, rbc)
     for x, y, ra, rb, ang, amp in stamps:
         px, py = _tile_px(x, y, x0, y0, mpp)
-        sc.stamp_ellipses(nuc, px, py, ra / mpp, rb / mpp, ang, C_NUCLEUS_H * amp)
+        sc.stamp_ellipses(nuc, px, py, ra / mpp, rb / mpp, ang, C_NUCLEUS_H * amp,
+                          nuclear=True)
     # lymphocytic foci / aggregates: interstitial background inside their ellipse
     for i in s.foci.in_box(x0, y0, x1, y1):
         r = max(s.foci.a[i], s.foci.b[i]) * 1.15
@@ -444,7 +445,8 @@ def _paint_tissue(s: FlsScene, F, x0_px, y0_px, size, X, Y, rng, cH, cE):
         tex = 0.82 + 0.22 * np.clip(sc.bank_window(rng, (size, size)), -1.5, 1.5)
         px, py = _tile_px(s.lym_x[ids], s.lym_y[ids], x0, y0, mpp)
         sc.stamp_ellipses(nuc, px, py, rad, rad * (0.86 + 0.12 * k), k * 3.1,
-                          C_LYMPHOCYTE_H * (0.88 + 0.24 * k), edge_px=0.9, texture=tex)
+                          C_LYMPHOCYTE_H * (0.88 + 0.24 * k), edge_px=0.9, texture=tex,
+                          nuclear=True)
     # nuclei replace cytoplasm colour
     cE *= 1.0 - 0.35 * np.clip(nuc, 0, 1)
     np.maximum(cH, nuc, out=cH)
@@ -467,7 +469,8 @@ def _fibroblasts(s: FlsScene, x0, y0, x1, y1, size, stroma, nuc):
         return
     ang = (0.0 if s.stroma_stretch == 0 else np.pi / 2) + (u[keep] - 0.5) * 0.8
     sc.stamp_ellipses(nuc, cx[keep], cy[keep], (3.6 + 2.4 * u[keep]) / mpp,
-                      (1.1 + 0.4 * u[keep]) / mpp, ang, C_NUCLEUS_H * (0.85 + 0.2 * u[keep]))
+                      (1.1 + 0.4 * u[keep]) / mpp, ang, C_NUCLEUS_H * (0.85 + 0.2 * u[keep]),
+                      nuclear=True)
 
 
 def _red_cells(s, i, objs, x0, y0, size, rs, cs, lumen_w, rbc):

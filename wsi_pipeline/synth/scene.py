@@ -343,12 +343,59 @@ def smooth_path(rng: np.random.Generator, start, end, n: int = 7, wiggle: float 
 # ----------------------------------------------------------------------------- stamps
 
 
+@dataclass(frozen=True)
+class NuclearVariation:
+    """Per-slide variability of nuclei, applied by `stamp_ellipses(..., nuclear=True)`.
+
+    size: slide-wide size factor; size_sd: relative sd of each nucleus's size; elongation:
+    largest extra aspect ratio (a nucleus gets 1 + elongation * u); chromatin: contrast of
+    per-pixel chromatin grain (0 = none); density_sd: relative sd of each nucleus's
+    staining. Per-nucleus draws hash the nucleus centre in slide pixels, so every tile a
+    nucleus touches draws it alike. origin_px: level-0 pixel of the tile being painted.
+    """
+
+    seed: int
+    size: float = 1.0
+    size_sd: float = 0.0
+    elongation: float = 0.0
+    chromatin: float = 0.0
+    density_sd: float = 0.0
+    origin_px: tuple[int, int] = (0, 0)
+
+
+_NUCLEI: ContextVar[NuclearVariation | None] = ContextVar("nuclear_variation", default=None)
+
+
+@contextmanager
+def nuclear_variation(variation: NuclearVariation | None) -> Iterator[None]:
+    """Within this block nuclei stamped with ``nuclear=True`` vary as `variation` says;
+    None (the default everywhere else): nuclei exactly as the task draws them."""
+    token = _NUCLEI.set(variation)
+    try:
+        yield
+    finally:
+        _NUCLEI.reset(token)
+
+
+def _vary_nuclei(v: NuclearVariation, cx, cy, ra, rb, amp):
+    """Semi-axes and peak values of nuclei at tile centres cx, cy (px) varied by `v`."""
+    kx = np.round((cx.astype(np.float64) + v.origin_px[0]) * 2).astype(np.int64)
+    ky = np.round((cy.astype(np.float64) + v.origin_px[1]) * 2).astype(np.int64)
+    u = [hash_uniform(v.seed, kx, ky, k) for k in range(3)]
+    size = np.float32(v.size) * (1 + np.float32(v.size_sd * np.sqrt(3.0)) * (2 * u[0] - 1))
+    elong = np.sqrt(1 + np.float32(v.elongation) * u[1])
+    dens = 1 + np.float32(v.density_sd * np.sqrt(3.0)) * (2 * u[2] - 1)
+    return ra * size * elong, rb * size / elong, amp * dens
+
+
 def stamp_ellipses(target: np.ndarray, cx_px, cy_px, ra_px, rb_px, angle, amp,
-                   edge_px: float = 0.7, texture: np.ndarray | None = None) -> None:
+                   edge_px: float = 0.7, texture: np.ndarray | None = None,
+                   nuclear: bool = False) -> None:
     """Draw soft filled ellipses into `target` (H, W) with max-compositing.
 
     cx_px/cy_px: centres in tile pixels (float arrays, N); ra/rb: semi-axes (px);
     angle (rad); amp: peak value. `texture` (H, W) optionally modulates the stamps.
+    nuclear: these are cell nuclei, varied by the active `nuclear_variation` if any.
     """
     n = len(cx_px)
     if n == 0:
@@ -360,6 +407,9 @@ def stamp_ellipses(target: np.ndarray, cx_px, cy_px, ra_px, rb_px, angle, amp,
     rb = np.broadcast_to(np.asarray(rb_px, np.float32), (n,))
     ang = np.broadcast_to(np.asarray(angle, np.float32), (n,))
     amp = np.broadcast_to(np.asarray(amp, np.float32), (n,))
+    vary = _NUCLEI.get() if nuclear else None
+    if vary is not None:
+        ra, rb, amp = _vary_nuclei(vary, cx, cy, ra, rb, amp)
     half = int(np.ceil(max(ra.max(), rb.max()) + edge_px + 1))
     off = np.arange(-half, half + 1)
     ix0 = np.floor(cx).astype(np.int64)
@@ -381,6 +431,10 @@ def stamp_ellipses(target: np.ndarray, cx_px, cy_px, ra_px, rb_px, angle, amp,
     vals = val[ok]
     if texture is not None:
         vals = vals * texture.reshape(-1)[flat]
+    if vary is not None and vary.chromatin > 0:  # chromatin grain fixed to slide pixels
+        grain = hash_uniform(vary.seed + 1, xx[ok] + vary.origin_px[0],
+                             yy[ok] + vary.origin_px[1])
+        vals = vals * (1 + np.float32(vary.chromatin) * (2 * grain - 1))
     np.maximum.at(target.reshape(-1), flat, vals.astype(target.dtype))
 
 

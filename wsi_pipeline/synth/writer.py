@@ -94,6 +94,29 @@ def _render_job(args: tuple[int, int, int, int]) -> Level0Tile | None:
     return Level0Tile(jpeg_tile(rgb, quality), downsample4(rgb))
 
 
+def _raw_level0(path: str) -> np.ndarray:
+    """The randomised slide's rendered level 0 (a memory map, opened once per process)."""
+    raw = _WORKER.get("raw")
+    if raw is None or _WORKER.get("raw_path") != path:
+        raw = _WORKER["raw"] = np.lib.format.open_memmap(path, mode="r+")
+        _WORKER["raw_path"] = path
+    return raw
+
+
+def _render_raw_job(args: tuple[int, int, int, str]) -> None:
+    """Randomised slides, pass 1: render a tile into the level-0 memory map."""
+    x0, y0, size, path = args
+    _raw_level0(path)[y0:y0 + size, x0:x0 + size] = _WORKER["spec"].render_tile(
+        _WORKER["scene"], x0, y0, size)
+
+
+def _scan_job(args: tuple[int, int, int, int, str]) -> Level0Tile:
+    """Randomised slides, pass 2: the scanner's view of a tile, JPEG-encoded."""
+    x0, y0, size, quality, path = args
+    rgb = _WORKER["scene"].randomise.scanner.apply(_raw_level0(path), x0, y0, size)
+    return Level0Tile(jpeg_tile(rgb, quality), downsample4(rgb))
+
+
 def _label_job(args: tuple[float, float, float, int, int, int]):
     x0_um, y0_um, px_um, size, h, w = args
     lab = np.zeros((size, size), np.uint8)
@@ -199,6 +222,16 @@ def _write_arrays(zpath: Path, arrays: dict) -> None:
         a.attrs.update(attrs)
 
 
+def _raw_file(folder: Path, height: int, width: int) -> str:
+    """A new (height, width, 3) uint8 .npy memory map in `folder` (removed by the caller)."""
+    import tempfile
+
+    fd, name = tempfile.mkstemp(dir=folder, prefix=".wsi-synth-raw-", suffix=".npy")
+    os.close(fd)
+    np.lib.format.open_memmap(name, mode="w+", dtype=np.uint8, shape=(height, width, 3))
+    return name
+
+
 def check_writable(path: Path) -> None:
     """Create the folder of `path`; OutputNotWritable if it cannot be written into."""
     folder = path.parent
@@ -225,13 +258,16 @@ def write_spec_slide(spec: SynthSpec, path: str | os.PathLike, *, width: int | N
                      label: str | None = None, pen: bool | str = False,
                      fold: bool = False, workers: int | None = None,
                      progress: Callable | None = None, tile: int = TILE_PX,
-                     quality: int = JPEG_QUALITY, build_kw: dict | None = None) -> dict:
+                     quality: int = JPEG_QUALITY, build_kw: dict | None = None,
+                     randomise: bool = False) -> dict:
     """Write a synthetic slide of `spec`'s task; return the truth dict.
 
     `generate.write_slide` with the task given as its SynthSpec (see there for the
     arguments); ``pen`` True draws a stroke in an ink drawn from the seed, a colour name
     (a key of `scene.PEN_INKS`) one in that ink; build_kw: extra keyword arguments of
-    `spec.build` (e.g. species).
+    `spec.build` (e.g. species); randomise: domain-randomised stains, section, nuclei,
+    artefacts and scanner (`randomise`), the JPEG quality included (`quality` is then
+    ignored); it needs width x height x 3 bytes of temporary disk beside the slide.
     """
     task = spec.name
     mpp = resolve_mpp(spec, mpp)
@@ -251,18 +287,24 @@ def write_spec_slide(spec: SynthSpec, path: str | os.PathLike, *, width: int | N
     with _single_thread_blas():
         try:
             return _write(spec, task, path, json_path, zarr_path, width, height, mpp, seed,
-                          label, pen, fold, workers, progress, tile, quality, build_kw or {})
+                          label, pen, fold, workers, progress, tile, quality, build_kw or {},
+                          bool(randomise))
         except OSError as e:
             raise OutputNotWritable(f"cannot write {path}: {e.strerror or e}") from e
 
 
 def _write(spec, task, path, json_path, zarr_path, width, height, mpp, seed, label, pen, fold,
-           workers, progress, tile, quality, build_kw) -> dict:
+           workers, progress, tile, quality, build_kw, randomise=False) -> dict:
     from .scene import pen_ink
 
     with pen_ink(pen if isinstance(pen, str) else None):   # the ink is chosen at build time
         scene = spec.build(task, int(seed), width, height, mpp, label, bool(pen), bool(fold),
                            **build_kw)
+    if randomise:
+        from .randomise import attach
+
+        attach(spec, scene)
+        quality = scene.randomise.scanner.jpeg_quality
     n_tiles = -(-width // tile) * -(-height // tile)
     if workers is None:
         workers = min(2, os.cpu_count() or 1) if n_tiles > 64 else 0
@@ -272,6 +314,7 @@ def _write(spec, task, path, json_path, zarr_path, width, height, mpp, seed, lab
                                    initializer=_init_worker, initargs=(spec, scene))
     else:
         _init_worker(spec, scene)
+    raw_path = None
     try:
         if zarr_path.exists():
             shutil.rmtree(zarr_path)
@@ -279,13 +322,24 @@ def _write(spec, task, path, json_path, zarr_path, width, height, mpp, seed, lab
         areas = _write_labels(zarr_path, spec, scene, pool, f, progress)
         _write_arrays(zarr_path, spec.arrays(scene))
 
-        cols = -(-width // tile)
-        jobs = ((tx * tile, ty * tile, tile, quality)
-                for ty in range(-(-height // tile)) for tx in range(cols))
+        cols, rows = -(-width // tile), -(-height // tile)
+        origins = [(tx * tile, ty * tile) for ty in range(rows) for tx in range(cols)]
         bar = progress(total=n_tiles, desc="level 0") if progress else None
+        if randomise:  # render all of level 0 first: the scanner's blur reads across tiles
+            raw_path = _raw_file(path.parent, rows * tile, cols * tile)
+            bar1 = progress(total=n_tiles, desc="render") if progress else None
+            for _ in _ordered_map(_render_raw_job, [(x, y, tile, raw_path) for x, y in origins],
+                                  pool, window=4 * max(workers, 1)):
+                if bar1:
+                    bar1.update(1)
+            if bar1:
+                bar1.close()
+            fn, jobs = _scan_job, [(x, y, tile, quality, raw_path) for x, y in origins]
+        else:
+            fn, jobs = _render_job, ((x, y, tile, quality) for x, y in origins)
 
         def level0():
-            for item in _ordered_map(_render_job, jobs, pool, window=4 * max(workers, 1)):
+            for item in _ordered_map(fn, jobs, pool, window=4 * max(workers, 1)):
                 if bar:
                     bar.update(1)
                 yield item
@@ -302,6 +356,9 @@ def _write(spec, task, path, json_path, zarr_path, width, height, mpp, seed, lab
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+        _WORKER.pop("raw", None)
+        if raw_path is not None:
+            os.remove(raw_path)
 
     part = spec.truth(scene, areas)
     truth = {
@@ -322,6 +379,7 @@ def _write(spec, task, path, json_path, zarr_path, width, height, mpp, seed, lab
             "options": {"label": scene.label, "pen": pen if isinstance(pen, str) else bool(pen),
                         "fold": bool(fold),
                         **scene.options},
+            **({"randomise": scene.randomise.record()} if randomise else {}),
             "tile": tile, "jpeg_quality": quality,
             "levels": [list(s) for s in info["levels"]],
             "label_mpp": mpp * label_downsample(width, height),
